@@ -1,0 +1,30 @@
+"""The `megalite` command: one subcommand per job, each implemented by a module's `main(argv) -> int`."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module whose main(argv) runs it, one-line description)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megalite.training", "pretrain a GPT model (no flags: a small GPT on the embedded corpus, on CPU)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: megalite COMMAND [FLAGS]   (megalite COMMAND --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        print(f"megalite: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    return int(module.main(rest) or 0)

@@ -1,0 +1,257 @@
+"""Typed configuration of a megalite run.
+
+Every field carries its documentation as an attribute docstring right under it; `field_docs` reads those
+docstrings and `megalite.arguments` turns them into the `--help` text, so the doc lives in one place.
+Field names are Megatron-LM's argument names, so `--tensor-model-parallel-size` sets
+`ParallelConfig.tensor_model_parallel_size`.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from typing import Literal
+
+RANK_ORDER_DIMS = ("tp", "cp", "ep", "dp", "pp")
+
+
+@dataclass
+class ParallelConfig:
+    """How the ranks are split: the five parallel dimensions and their layout."""
+
+    tensor_model_parallel_size: int = 1
+    """Tensor parallelism (TP): weight matrices are split over this many ranks."""
+    context_parallel_size: int = 1
+    """Context parallelism (CP): the sequence is split over this many ranks inside attention."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline parallelism (PP): the layers are split into this many stages."""
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """Layers per virtual pipeline chunk (interleaved 1F1B); unset means one chunk per stage."""
+    pipeline_schedule: Literal["1f1b", "interleaved", "zb-h1", "zb-v"] = "1f1b"
+    """Pipeline schedule; 'interleaved' needs --num-layers-per-virtual-pipeline-stage, 'zb-v' uses two chunks."""
+    expert_model_parallel_size: int = 1
+    """Expert parallelism (EP): MoE experts are distributed over this many ranks."""
+    expert_tensor_parallel_size: int | None = None
+    """Expert tensor parallelism (ETP): each expert's weights split over this many ranks; defaults to TP."""
+    sequence_parallel: bool = False
+    """Sequence parallelism: split norms, dropout and residuals along the sequence over the TP ranks."""
+    rank_order: str = "tp-cp-ep-dp-pp"
+    """Order of the parallel dimensions over the ranks, leftmost varying fastest (Megatron-Core's meaning)."""
+    cp_comm_type: Literal["p2p", "all_gather"] = "p2p"
+    """How context parallelism exchanges K/V: 'p2p' ring, or 'all_gather' once per layer."""
+    distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Collective back-end; 'auto' picks NCCL when CUDA is available, else gloo."""
+    distributed_timeout_minutes: float = 10.0
+    """Timeout of every collective, after which the run fails naming the group instead of hanging."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of the GPT model (dense and MoE)."""
+
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 128
+    """Transformer hidden size."""
+    ffn_hidden_size: int | None = None
+    """MLP hidden size; defaults to 4 x hidden size (8/3 x hidden size, rounded up to 64, with --swiglu)."""
+    num_attention_heads: int = 4
+    """Number of attention (query) heads."""
+    num_query_groups: int | None = None
+    """Key/value head groups for grouped-query attention; unset means one per head (multi-head attention)."""
+    seq_length: int = 128
+    """Tokens per training sample."""
+    vocab_size: int | None = None
+    """Vocabulary size; defaults to the tokenizer's, padded as --make-vocab-size-divisible-by says."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this times the tensor-parallel size."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Normalization layer."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the normalization layers."""
+    swiglu: bool = False
+    """Use a SwiGLU MLP instead of GeLU."""
+    rotary_base: float = 10000.0
+    """Base of the rotary position embedding."""
+    untie_embeddings_and_output_weights: bool = False
+    """Give the output layer its own weight instead of sharing the input embedding's."""
+    disable_bias_linear: bool = False
+    """Linear layers without bias."""
+    hidden_dropout: float = 0.0
+    """Dropout probability after attention and MLP."""
+    attention_dropout: float = 0.0
+    """Dropout probability on attention weights."""
+    init_method_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    recompute_granularity: Literal["full", "selective"] | None = None
+    """Activation recomputation: 'full' recomputes whole layers, 'selective' the attention core."""
+    attention_backend: Literal["auto", "sdpa", "eager", "flash", "te"] = "auto"
+    """Attention kernel; 'auto' picks the fastest importable one."""
+    num_experts: int | None = None
+    """Number of MoE experts; unset means a dense model."""
+    moe_layer_freq: int = 1
+    """Every this-many-th layer is an MoE layer (1: all layers)."""
+    moe_router_topk: int = 2
+    """Experts chosen per token."""
+    moe_ffn_hidden_size: int | None = None
+    """Hidden size of each expert; defaults to --ffn-hidden-size."""
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """Router score function."""
+    moe_router_pre_softmax: bool = False
+    """Normalise the scores over all experts before top-k (otherwise over the chosen top-k)."""
+    moe_router_load_balancing_type: Literal["aux_loss", "none"] = "aux_loss"
+    """Load balancing: Switch-style auxiliary loss, or none (e.g. with --moe-router-enable-expert-bias)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Coefficient of the load-balancing loss."""
+    moe_z_loss_coeff: float | None = None
+    """Coefficient of the router z-loss; unset disables it."""
+    moe_router_enable_expert_bias: bool = False
+    """Aux-loss-free balancing: a per-expert bias for selection, updated by the sign of the load imbalance."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step size of the expert-bias update."""
+    moe_expert_capacity_factor: float | None = None
+    """Expert capacity as a multiple of the balanced load; tokens beyond it are dropped. Unset: dropless."""
+    moe_token_drop_policy: Literal["probs", "position"] = "probs"
+    """Which tokens to drop over capacity: lowest router probability, or latest position."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Hidden size of the shared expert every token goes through; unset means none."""
+    moe_token_dispatcher_type: Literal["alltoall"] = "alltoall"
+    """Token dispatcher."""
+
+
+@dataclass
+class TrainingConfig:
+    """Batching, length, optimizer, precision, logging and checkpoints."""
+
+    micro_batch_size: int = 4
+    """Samples per microbatch on each data-parallel rank."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all data-parallel ranks; defaults to micro batch x DP."""
+    train_iters: int | None = None
+    """Optimizer steps; -1 derives it from --train-samples or --train-epochs."""
+    train_samples: int | None = None
+    """Training samples; -1 derives it from --train-iters or --train-epochs."""
+    train_epochs: float | None = None
+    """Passes over the training data; needs a dataset to derive the iterations."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    lr_decay_style: Literal["constant", "linear", "cosine", "WSD"] = "cosine"
+    """Learning-rate decay after the warmup."""
+    lr_warmup_iters: int = 0
+    """Iterations of linear warmup."""
+    lr_warmup_fraction: float | None = None
+    """Warmup as a fraction of the decay iterations (overrides --lr-warmup-iters)."""
+    lr_decay_iters: int | None = None
+    """Iterations over which the learning rate decays; defaults to --train-iters."""
+    lr_wsd_decay_iters: int | None = None
+    """WSD: iterations of the final decay phase; defaults to 10% of the decay iterations."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and 1-D parameters)."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.95
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    seed: int = 1234
+    """Random seed of initialisation, data order and dropout."""
+    bf16: bool = False
+    """Train in bfloat16 with fp32 main weights and gradients."""
+    fp16: bool = False
+    """Train in float16 with dynamic loss scaling and fp32 main weights and gradients."""
+    initial_loss_scale: float = 2.0**16
+    """fp16: starting loss scale."""
+    min_loss_scale: float = 1.0
+    """fp16: the loss scale never drops below this."""
+    loss_scale_window: int = 1000
+    """fp16: steps without overflow before the loss scale doubles."""
+    log_interval: int = 10
+    """Iterations between log lines."""
+    eval_interval: int | None = None
+    """Iterations between validation passes; unset disables validation."""
+    eval_iters: int = 10
+    """Microbatch steps per validation pass."""
+    tensorboard_dir: str | None = None
+    """Write TensorBoard scalars here."""
+    save: str | None = None
+    """Directory to save checkpoints to."""
+    load: str | None = None
+    """Directory to resume from (its newest complete checkpoint)."""
+    save_interval: int | None = None
+    """Iterations between checkpoints."""
+    no_load_optim: bool = False
+    """Do not load the optimizer state from the checkpoint."""
+    no_load_rng: bool = False
+    """Do not load the random states from the checkpoint."""
+    finetune: bool = False
+    """Load only the model weights and start from iteration 0."""
+    overlap_grad_reduce: bool = False
+    """Reduce gradient buckets during the backward pass."""
+    ddp_bucket_size: int = 40_000_000
+    """Elements per gradient-reduction bucket."""
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from."""
+
+    data_path: list[str] | None = None
+    """Dataset prefixes, optionally weighted: 'P' or 'W1 P1 W2 P2 ...'. Unset: the embedded default corpus."""
+    split: str = "969,30,1"
+    """Train/validation/test proportions."""
+    mock_data: bool = False
+    """Random tokens instead of a dataset."""
+    tokenizer_type: Literal["ByteTokenizer", "HuggingFaceTokenizer"] = "ByteTokenizer"
+    """Tokenizer: the built-in byte-level one, or a local Hugging Face tokenizer.json (--tokenizer-model)."""
+    tokenizer_model: str | None = None
+    """Path to a Hugging Face tokenizer.json."""
+    data_cache_path: str | None = None
+    """Directory for cached dataset indices; defaults to beside the data."""
+    eod_mask_loss: bool = False
+    """Do not compute loss on end-of-document tokens."""
+
+
+@dataclass
+class MegaliteConfig:
+    """A whole run."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "parallel": ParallelConfig,
+    "model": ModelConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+}
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstring written right under each field of dataclass `cls`."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    missing = {f.name for f in dataclasses.fields(cls)} - docs.keys()
+    if missing:
+        raise TypeError(f"{cls.__name__}: fields without a docstring: {sorted(missing)}")
+    return docs

@@ -1,0 +1,43 @@
+"""Start-up of the default process group: under torchrun (env://) or as a single process."""
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+
+def launched_world_size() -> int:
+    """World size from the launcher's environment (torchrun sets WORLD_SIZE), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> tuple[int, int]:
+    """Initialise the default group once; return (rank, world size).
+
+    Under torchrun the environment gives rank, world size and rendezvous; a plain `python`/`megalite` process
+    becomes a world of one over a private file store. `backend='auto'` picks NCCL when CUDA is available.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        store_file = tempfile.NamedTemporaryFile(prefix="megalite-store-", delete=False).name
+        store = dist.FileStore(store_file, 1)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    if torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,160 @@
+"""Flags -> config, derived values, and one test per validation rule."""
+import pytest
+
+from megalite import arguments
+from megalite.arguments import ConfigError, parse_args, resolve, to_argv
+from megalite.cli import main as cli_main
+
+# rule name -> (flags, world size, a phrase the message must contain)
+RULE_CASES = {
+    "positive_parallel_sizes": (["--context-parallel-size", "0"], 8, "--context-parallel-size 0"),
+    "world_divides_dense_grid": (["--tensor-model-parallel-size", "3"], 8, "world size 8 is not divisible"),
+    "world_divides_expert_grid": (
+        ["--expert-model-parallel-size", "3", "--num-experts", "6"], 8, "--expert-model-parallel-size 3"),
+    "rank_order_is_a_permutation": (["--rank-order", "tp-cp-dp-pp"], 8, "--rank-order"),
+    "heads_divisible_by_tp": (
+        ["--tensor-model-parallel-size", "8", "--num-attention-heads", "4"], 8, "--num-attention-heads 4"),
+    "query_groups_divisible_by_tp": (
+        ["--tensor-model-parallel-size", "4", "--num-query-groups", "2"], 8, "--num-query-groups 2"),
+    "heads_divisible_by_query_groups": (["--num-query-groups", "3"], 1, "--num-query-groups 3"),
+    "hidden_divisible_by_heads": (["--hidden-size", "130"], 1, "--hidden-size 130"),
+    "head_dim_even_for_rotary": (["--hidden-size", "12", "--num-attention-heads", "4"], 1, "odd"),
+    "ffn_divisible_by_tp": (["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "129"], 2,
+                            "--ffn-hidden-size 129"),
+    "experts_needed_for_ep": (["--expert-model-parallel-size", "2"], 2, "--num-experts"),
+    "experts_divisible_by_ep": (["--expert-model-parallel-size", "4", "--num-experts", "6"], 8,
+                                "--num-experts 6"),
+    "topk_at_most_experts": (["--num-experts", "2", "--moe-router-topk", "3"], 1, "--moe-router-topk 3"),
+    "expert_ffn_divisible_by_etp": (
+        ["--num-experts", "4", "--expert-tensor-parallel-size", "2", "--moe-ffn-hidden-size", "33"], 2,
+        "--moe-ffn-hidden-size 33"),
+    "shared_expert_divisible_by_tp": (
+        ["--tensor-model-parallel-size", "2", "--num-experts", "4", "--moe-shared-expert-intermediate-size", "33"],
+        2, "--moe-shared-expert-intermediate-size 33"),
+    "moe_layer_freq_positive": (["--num-experts", "4", "--moe-layer-freq", "0"], 1, "--moe-layer-freq 0"),
+    "layers_divisible_by_pp": (["--pipeline-model-parallel-size", "3", "--num-layers", "4"], 3, "--num-layers 4"),
+    "interleaving_flags_agree": (["--pipeline-schedule", "interleaved", "--pipeline-model-parallel-size", "2"], 2,
+                                 "needs --num-layers-per-virtual-pipeline-stage"),
+    "interleaving_needs_pipeline": (["--pipeline-schedule", "zb-v"], 1, "--pipeline-model-parallel-size"),
+    "virtual_stages_divide_layers": (
+        ["--pipeline-model-parallel-size", "2", "--num-layers", "6", "--pipeline-schedule", "interleaved",
+         "--num-layers-per-virtual-pipeline-stage", "2"], 2, "--num-layers-per-virtual-pipeline-stage 2"),
+    "zero_bubble_v_needs_two_chunks": (
+        ["--pipeline-model-parallel-size", "2", "--num-layers", "6", "--pipeline-schedule", "zb-v"], 2,
+        "two chunks"),
+    "sequence_divisible_for_cp": (["--context-parallel-size", "4", "--seq-length", "100"], 4, "2 x CP chunks"),
+    "sequence_parallel_needs_tp": (["--sequence-parallel"], 1, "drop --sequence-parallel"),
+    "sequence_divisible_for_sp": (
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "129"], 2, "--seq-length 129"),
+    "positive_shapes": (["--seq-length", "0"], 1, "--seq-length 0"),
+    "dropout_is_a_probability": (["--hidden-dropout", "1.5"], 1, "--hidden-dropout 1.5"),
+    "micro_batch_positive": (["--micro-batch-size", "0"], 1, "--micro-batch-size 0"),
+    "global_batch_divisible": (["--global-batch-size", "10", "--micro-batch-size", "4"], 2,
+                               "use a multiple of 8"),
+    "interleaving_microbatches": (
+        ["--pipeline-model-parallel-size", "4", "--num-layers", "8", "--pipeline-schedule", "interleaved",
+         "--num-layers-per-virtual-pipeline-stage", "1", "--micro-batch-size", "1", "--global-batch-size", "6"],
+        4, "multiple of --pipeline-model-parallel-size 4"),
+    "one_precision": (["--bf16", "--fp16"], 1, "choose one"),
+    "one_training_length": (["--train-iters", "10", "--train-samples", "100"], 1, "both set"),
+    "train_samples_divisible": (["--train-samples", "10", "--micro-batch-size", "4"], 1, "use a multiple of 4"),
+    "learning_rates_ordered": (["--lr", "1e-4", "--min-lr", "1e-3"], 1, "--min-lr"),
+    "warmup_within_decay": (["--lr-warmup-iters", "100", "--lr-decay-iters", "10"], 1, "--lr-warmup-iters 100"),
+    "save_interval_needs_save": (["--save-interval", "10"], 1, "--save DIR"),
+    "data_path_well_formed": (["--data-path", "0.5", "a", "b"], 1, "--data-path"),
+    "split_well_formed": (["--split", "9,x,1"], 1, "--split"),
+    "tokenizer_model_given": (["--tokenizer-type", "HuggingFaceTokenizer"], 1, "--tokenizer-model"),
+}
+
+
+def test_there_are_at_least_25_rules_and_each_has_a_case():
+    names = {r.__name__ for r in arguments.RULES}
+    assert len(names) >= 25
+    assert names == set(RULE_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(RULE_CASES))
+def test_rule_rejects_its_case_with_a_message_naming_the_flag(name):
+    flags, world, phrase = RULE_CASES[name]
+    config = parse_args(flags)
+    rule = next(r for r in arguments.RULES if r.__name__ == name)
+    message = rule(config, world)
+    assert message is not None and phrase in message, message
+    with pytest.raises(ConfigError, match=r"invalid configuration"):
+        resolve(config, world)
+
+
+@pytest.mark.parametrize("name", sorted(RULE_CASES))
+def test_rule_accepts_the_defaults(name):
+    rule = next(r for r in arguments.RULES if r.__name__ == name)
+    assert rule(parse_args([]), 1) is None
+
+
+def test_launch_layout_derives_dp_edp_and_microbatches():
+    config = parse_args([
+        "--tensor-model-parallel-size", "2", "--context-parallel-size", "4", "--expert-model-parallel-size", "4",
+        "--expert-tensor-parallel-size", "2", "--num-experts", "8", "--sequence-parallel", "--seq-length", "256",
+        "--micro-batch-size", "1", "--global-batch-size", "8", "--train-samples", "800",
+    ])
+    config, derived = resolve(config, 8)
+    assert derived.data_parallel_size == 1
+    assert derived.expert_data_parallel_size == 1
+    assert derived.num_microbatches == 8
+    assert derived.train_iters == 100 and config.training.train_iters == 100
+    assert "microbatches per step" in derived.table()
+
+
+def test_dp_and_global_batch_defaults():
+    config, derived = resolve(parse_args(["--micro-batch-size", "2", "--pipeline-model-parallel-size", "2"]), 8)
+    assert derived.data_parallel_size == 4
+    assert derived.global_batch_size == 8 and derived.num_microbatches == 1
+    assert derived.train_iters == arguments.DEFAULT_TRAIN_ITERS
+
+
+def test_virtual_pipeline_size_and_swiglu_ffn():
+    config = parse_args(["--pipeline-model-parallel-size", "2", "--num-layers", "8", "--pipeline-schedule",
+                         "interleaved", "--num-layers-per-virtual-pipeline-stage", "2", "--swiglu",
+                         "--hidden-size", "96", "--num-attention-heads", "4", "--global-batch-size", "8"])
+    config, derived = resolve(config, 2)
+    assert derived.virtual_pipeline_size == 2
+    assert derived.ffn_hidden_size == 256  # 8/3 * 96 = 256
+
+
+def test_train_iters_minus_one_is_derived_from_samples():
+    config, derived = resolve(parse_args(["--train-iters", "-1", "--train-samples", "64"]), 1)
+    assert derived.train_iters == 16
+
+
+def test_epochs_give_iterations_once_the_dataset_size_is_known():
+    config, _ = resolve(parse_args(["--train-epochs", "2", "--micro-batch-size", "4"]), 1)
+    config, iters = arguments.derive_train_length_from_epochs(config, samples_per_epoch=50)
+    assert iters == 25 and config.training.train_samples == 100
+    with pytest.raises(ConfigError, match="--train-epochs"):
+        arguments.derive_train_length_from_epochs(config, samples_per_epoch=1)
+
+
+def test_to_argv_round_trips():
+    flags = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--data-path", "0.3", "a", "0.7", "b",
+             "--lr", "0.0003"]
+    config = parse_args(flags)
+    assert parse_args(to_argv(config)) == config
+
+
+def test_every_flag_has_help_from_the_config_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    out = capsys.readouterr().out
+    for flag in ["--tensor-model-parallel-size", "--context-parallel-size", "--expert-model-parallel-size",
+                 "--expert-tensor-parallel-size", "--pipeline-model-parallel-size",
+                 "--num-layers-per-virtual-pipeline-stage", "--sequence-parallel", "--micro-batch-size",
+                 "--global-batch-size", "--seq-length", "--lr", "--min-lr", "--train-iters", "--save", "--load",
+                 "--save-interval", "--data-path"]:
+        assert flag in out
+    assert "Tensor parallelism (TP)" in out
+
+
+def test_invalid_flags_exit_with_the_rule_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--sequence-parallel"])
+    assert e.value.code == 2
+    assert "drop --sequence-parallel" in capsys.readouterr().err
