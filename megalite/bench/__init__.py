@@ -1,0 +1,12 @@
+"""`megalite bench NAME`: benchmarks that time megalite against a baseline in the same run and print ratios."""
+from __future__ import annotations
+
+from megalite.subcommands import dispatch
+
+BENCHMARKS = {
+    "index": ("megalite.bench.index", "C++ sample-index builder vs NumPy on 10 million documents"),
+}
+
+
+def main(argv: list[str]) -> int:
+    return dispatch("megalite bench", BENCHMARKS, argv)

@@ -1,0 +1,12 @@
+"""`megalite plan NAME`: plan a layout without running it."""
+from __future__ import annotations
+
+from megalite.subcommands import dispatch
+
+PLANS = {
+    "pipeline": ("megalite.pipeline.simulator", "simulate pipeline schedules: bubble and peak activations"),
+}
+
+
+def main(argv: list[str]) -> int:
+    return dispatch("megalite plan", PLANS, argv)

@@ -1,0 +1,33 @@
+"""megalite.comm: byte counting per collective kind and group, and p2p over a subgroup."""
+import torch
+import torch.distributed as dist
+
+from megalite import comm
+from megalite import parallel_state as ps
+from megalite.testing import run_distributed
+
+
+def _ring_and_count():
+    groups = ps.initialize_model_parallel(tp=2, cp=2)
+    cp_ranks = groups.ranks["cp"]
+    me = cp_ranks.index(dist.get_rank())
+    nxt, prv = cp_ranks[(me + 1) % 2], cp_ranks[(me - 1) % 2]
+    with comm.count_comm() as counter:
+        x = torch.full((3, 4), float(dist.get_rank()))
+        comm.all_reduce(x, groups.tp)
+        got = torch.empty(3, 4)
+        comm.wait_all(comm.batch_isend_irecv([(x, nxt)], [(got, prv)], groups.cp), groups.cp)
+        out = torch.empty(2, 4)
+        comm.all_gather_into_tensor(out, torch.ones(1, 4), groups.tp)
+    return got[0, 0].item(), dict(counter.bytes), comm.group_name(groups.tp)
+
+
+def test_counts_bytes_per_kind_and_group_and_p2p_reaches_the_ring_neighbour():
+    results = run_distributed(4, _ring_and_count)
+    # tp pairs {0,1},{2,3}: all-reduce sums to 1 and 5; cp pairs {0,2},{1,3} exchange those.
+    assert [r[0] for r in results] == [5.0, 5.0, 1.0, 1.0]
+    got_bytes, tp_name = results[0][1], results[0][2]
+    assert tp_name == "tp[0, 1]"
+    assert got_bytes[("all_reduce", "tp[0, 1]")] == 48
+    assert got_bytes[("send", "cp[0, 2]")] == 48 and got_bytes[("recv", "cp[0, 2]")] == 48
+    assert got_bytes[("all_gather", "tp[0, 1]")] == 16
