@@ -82,6 +82,13 @@ def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup, op: dist.ReduceOp
     return tensor
 
 
+def all_reduce_async(tensor: torch.Tensor, group: dist.ProcessGroup) -> dist.Work:
+    """Start an in-place sum of `tensor` over `group`; wait on the returned request."""
+    _record("all_reduce", group, tensor)
+    with _naming("all_reduce", group):
+        return dist.all_reduce(tensor, group=group, async_op=True)
+
+
 def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Gather `tensor` from every rank of `group` into `output`, concatenated along dimension 0."""
     _record("all_gather", group, tensor)

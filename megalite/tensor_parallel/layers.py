@@ -1,0 +1,222 @@
+"""Tensor-parallel layers: vocab-parallel embedding, column- and row-parallel linear, with or without sequence
+parallelism. Activations are [s, b, h]; with sequence parallelism the sequence dimension is split over the TP group
+outside these layers.
+
+The linear layers share one autograd function whose backward computes the input gradient at once and the weight
+gradient either at once or, inside `defer_weight_grads()`, as a closure queued for the pipeline's W pass.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megalite.tensor_parallel import mappings
+from megalite.tensor_parallel.sharding import ShardSpec, set_spec
+
+_WEIGHT_GRAD_QUEUE: list[Callable[[], None]] | None = None
+
+
+@contextlib.contextmanager
+def defer_weight_grads() -> Iterator[list[Callable[[], None]]]:
+    """Inside the block, linear layers' backward queues their weight-gradient work instead of doing it.
+
+    Yields the queue; calling each closure later (the W pass) accumulates the weight gradients into `.grad`.
+    """
+    global _WEIGHT_GRAD_QUEUE
+    previous, queue = _WEIGHT_GRAD_QUEUE, []
+    _WEIGHT_GRAD_QUEUE = queue
+    try:
+        yield queue
+    finally:
+        _WEIGHT_GRAD_QUEUE = previous
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad += grad
+    hook = getattr(param, "on_deferred_grad", None)
+    if hook is not None:
+        hook(param)
+
+
+class _LinearFunction(torch.autograd.Function):
+    """y = gather(x) @ W^T + b, where gather is the sequence-parallel all-gather of dimension 0 (or nothing).
+
+    forward: all-gather x over `sp_group` if given, then the local matmul; only the local x is saved.
+    backward: dx = dy @ W, reduce-scattered over `sp_group` if given; dW = dy^T @ gather(x), db = sum(dy),
+    computed now or queued for the W pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, sp_group):
+        ctx.sp_group = sp_group
+        ctx.has_bias = bias is not None
+        ctx.bias_param = bias
+        ctx.save_for_backward(x, weight)
+        total = mappings._gather(x, 0, sp_group) if sp_group is not None else x
+        return F.linear(total, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        sp_group = ctx.sp_group
+        grad_input = grad.matmul(weight)
+        if sp_group is not None:
+            grad_input = mappings._reduce_scatter0(grad_input, sp_group)
+
+        def weight_grads() -> tuple[torch.Tensor, torch.Tensor | None]:
+            total = mappings._gather(x, 0, sp_group) if sp_group is not None else x
+            g2 = grad.reshape(-1, grad.shape[-1])
+            grad_weight = g2.t().matmul(total.reshape(-1, total.shape[-1]))
+            grad_bias = g2.sum(0) if ctx.has_bias else None
+            return grad_weight, grad_bias
+
+        if _WEIGHT_GRAD_QUEUE is None or not weight.requires_grad:
+            grad_weight, grad_bias = weight_grads() if weight.requires_grad else (None, None)
+            return grad_input, grad_weight, grad_bias, None
+        bias_param = ctx.bias_param
+
+        def deferred() -> None:
+            grad_weight, grad_bias = weight_grads()
+            _accumulate(weight, grad_weight)
+            if grad_bias is not None:
+                _accumulate(bias_param, grad_bias)
+
+        _WEIGHT_GRAD_QUEUE.append(deferred)
+        return grad_input, None, None, None
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """x @ W^T + b through `_LinearFunction` (sequence-parallel gather of x when `sp_group` is given)."""
+    if sp_group is not None and dist.get_world_size(sp_group) == 1:
+        sp_group = None
+    if sp_group is None and _WEIGHT_GRAD_QUEUE is None and not torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    return _LinearFunction.apply(x, weight, bias, sp_group)
+
+
+def column_parallel_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup,
+    sequence_parallel: bool,
+) -> torch.Tensor:
+    """x [s, b, in] (or [s/t, b, in] with sequence parallelism) times this rank's rows of the weight."""
+    if sequence_parallel:
+        return linear(x, weight, bias, group)
+    return linear(mappings.copy_to_tensor_parallel_region(x, group), weight, bias)
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """y = x A^T + b with A's output dimension split over the TP group: rank i computes y_i = x A_i^T + b_i.
+
+    Input: [s, b, in] replicated (or [s/t, b, in] with sequence parallelism, all-gathered inside).
+    Output: [s, b, out/t], or [s, b, out] with `gather_output`. `stride` > 1 shards each of `stride` stacked
+    blocks of the output dimension separately (SwiGLU's [gate; up]).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: dist.ProcessGroup,
+        *,
+        bias: bool = True,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        std: float = 0.02,
+        stride: int = 1,
+    ):
+        super().__init__()
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if out_features % (size * stride):
+            raise ValueError(f"output features {out_features} not divisible by TP size {size} x stride {stride}")
+        self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        w = ShardSpec((out_features, in_features), dim=0, rank=rank, size=size, stride=stride, std=std)
+        self.weight = set_spec(torch.nn.Parameter(torch.empty(w.local_shape)), w)
+        self.bias = None
+        if bias:
+            b = ShardSpec((out_features,), dim=0, rank=rank, size=size, stride=stride, init="zeros")
+            self.bias = set_spec(torch.nn.Parameter(torch.empty(b.local_shape)), b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = column_parallel_linear(x, self.weight, self.bias, self.group, self.sequence_parallel)
+        return mappings.gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(torch.nn.Module):
+    """y = x A^T + b with A's input dimension split over the TP group: y = sum_i x_i A_i^T, then + b.
+
+    Input: [s, b, in/t] (already split, e.g. a column-parallel output). Output: [s, b, out] all-reduced, or
+    [s/t, b, out] reduce-scattered with sequence parallelism.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: dist.ProcessGroup,
+        *,
+        bias: bool = True,
+        sequence_parallel: bool = False,
+        std: float = 0.02,
+    ):
+        super().__init__()
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if in_features % size:
+            raise ValueError(f"input features {in_features} not divisible by TP size {size}")
+        self.group, self.sequence_parallel = group, sequence_parallel
+        w = ShardSpec((out_features, in_features), dim=1, rank=rank, size=size, std=std)
+        self.weight = set_spec(torch.nn.Parameter(torch.empty(w.local_shape)), w)
+        self.bias = None
+        if bias:
+            replicated = ("tp",) if sequence_parallel and size > 1 else ()
+            b = ShardSpec((out_features,), init="zeros", replicated_over=replicated)
+            self.bias = set_spec(torch.nn.Parameter(torch.empty(out_features)), b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight, None)
+        if self.sequence_parallel:
+            y = mappings.reduce_scatter_to_sequence_parallel_region(y, self.group)
+        else:
+            y = mappings.reduce_from_tensor_parallel_region(y, self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    """Embedding table with the vocabulary split over the TP group; each rank looks up the ids it owns.
+
+    Input ids [s, b]; output [s, b, h] all-reduced, or [s/t, b, h] reduce-scattered with sequence parallelism.
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup, *, sequence_parallel: bool = False,
+        std: float = 0.02,
+    ):
+        super().__init__()
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if num_embeddings % size:
+            raise ValueError(f"vocabulary {num_embeddings} not divisible by TP size {size}")
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.per_rank = num_embeddings // size
+        self.start = rank * self.per_rank
+        w = ShardSpec((num_embeddings, embedding_dim), dim=0, rank=rank, size=size, std=std)
+        self.weight = set_spec(torch.nn.Parameter(torch.empty(w.local_shape)), w)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if dist.get_world_size(self.group) == 1:
+            out = F.embedding(ids, self.weight)
+        else:
+            local = ids - self.start
+            outside = (local < 0) | (local >= self.per_rank)
+            out = F.embedding(local.masked_fill(outside, 0), self.weight)
+            out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_parallel_region(out, self.group)
+        return mappings.reduce_from_tensor_parallel_region(out, self.group)
