@@ -186,6 +186,8 @@ class TrainingConfig:
     """Directory to resume from (its newest complete checkpoint)."""
     save_interval: int | None = None
     """Iterations between checkpoints."""
+    exit_interval: int | None = None
+    """Stop after an iteration divisible by this (saving a checkpoint first when --save is set)."""
     no_load_optim: bool = False
     """Do not load the optimizer state from the checkpoint."""
     no_load_rng: bool = False

@@ -68,6 +68,8 @@ class GradReducer:
             self._bucket_of[id(p)] = bucket
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
+        if p.grad is None:  # a linear layer deferred this gradient to the W pass, which calls back later
+            return
         p.main_grad.add_(p.grad)
         p.grad = None
         if self._final_pass:

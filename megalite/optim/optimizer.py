@@ -110,6 +110,13 @@ class MixedPrecisionAdamW:
                     p.copy_(m)
         return norm, False
 
+    def reload_from_model(self) -> None:
+        """Take the main weights from the model (after loading model weights without optimizer state)."""
+        with torch.no_grad():
+            for p, m in zip(self.params, self.main):
+                if p is not m:
+                    m.copy_(p)
+
     def state_dict(self) -> dict:
         return {"adam": self.adam.state_dict(), "main": [m.detach().clone() for m in self.main],
                 "loss_scale": self.scaler.scale if self.scaler else None,

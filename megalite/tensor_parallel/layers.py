@@ -82,6 +82,7 @@ class _LinearFunction(torch.autograd.Function):
             return grad_input, grad_weight, grad_bias, None
         bias_param = ctx.bias_param
 
+        @torch.no_grad()
         def deferred() -> None:
             grad_weight, grad_bias = weight_grads()
             _accumulate(weight, grad_weight)

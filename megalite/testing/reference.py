@@ -1,0 +1,84 @@
+"""Train a few steps of any layout on a deterministic synthetic dataset and collect what the single-process run
+must reproduce: the loss of every step and the full (gathered) parameters afterwards."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megalite import parallel_state as ps
+from megalite.arguments import parse_args, resolve
+from megalite.distributed import init_distributed
+from megalite.tensor_parallel import gather_full, get_spec
+from megalite.training import forward_backward, microbatches, setup
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Sample i: random tokens and a loss mask with some zeros, drawn from (seed, i) alone."""
+
+    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int = 0):
+        self.vocab_size, self.seq_length, self.num_samples, self.seed = vocab_size, seq_length, num_samples, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        tokens = torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=g)
+        mask = (torch.rand(self.seq_length, generator=g) > 0.15).float()
+        return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": mask}
+
+
+def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None) -> dict:
+    """Run `steps` optimizer steps with the flags `argv` on the current world; return this rank's losses and its
+    parameters gathered to full tensors (keyed by global name) and whether it logs the loss."""
+    init_distributed("gloo")
+    config, derived = resolve(parse_args(argv), dist.get_world_size())
+    run = setup(config, derived)
+    dataset = SyntheticDataset(config.model.vocab_size, config.model.seq_length, steps * derived.global_batch_size)
+    losses = []
+    for step in range(steps):
+        run.reducer.zero_grad()
+        losses.append(forward_backward(run, microbatches(dataset, step * derived.global_batch_size, run)))
+        run.optimizer.step(lr if lr is not None else config.training.lr)
+    params = {
+        name: gather_full(p.detach().float(), get_spec(p), getattr(run.groups, get_spec(p).group))
+        for chunk in run.chunks for name, p in chunk.named_parameters()
+    }
+    result = {"losses": losses, "params": params, "logs": run.logs}
+    ps.destroy_model_parallel()
+    return result
+
+
+def merged_params(results: list[dict]) -> dict[str, torch.Tensor]:
+    """One full tensor per parameter name across every rank's result (checking that copies agree)."""
+    merged: dict[str, torch.Tensor] = {}
+    for r in results:
+        for name, value in r["params"].items():
+            if name in merged:
+                assert torch.equal(merged[name], value), f"ranks disagree on {name}"
+            else:
+                merged[name] = value
+    return merged
+
+
+def logged_losses(results: list[dict]) -> list[float]:
+    return next(r["losses"] for r in results if r["logs"])
+
+
+def reference_argv(argv: list[str], drop: tuple[str, ...] = (
+        "--tensor-model-parallel-size", "--context-parallel-size", "--pipeline-model-parallel-size",
+        "--expert-model-parallel-size", "--expert-tensor-parallel-size", "--num-layers-per-virtual-pipeline-stage",
+        "--pipeline-schedule", "--sequence-parallel", "--micro-batch-size", "--cp-comm-type")) -> list[str]:
+    """The same run on one process: parallel flags removed, one microbatch of the whole global batch."""
+    out, i = [], 0
+    while i < len(argv):
+        flag = argv[i]
+        takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if flag in drop:
+            i += 2 if takes_value else 1
+            continue
+        out.append(flag)
+        i += 1
+    gbs = parse_args(argv).training.global_batch_size
+    return out + ["--micro-batch-size", str(gbs)]
+

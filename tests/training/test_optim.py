@@ -1,0 +1,95 @@
+"""LR schedules, fp16 loss scaling with skipped steps, and gradient clipping with every shard counted once."""
+import pytest
+import torch
+
+from megalite import parallel_state as ps
+from megalite.arguments import parse_args, resolve
+from megalite.optim.lr_schedule import LRSchedule
+from megalite.optim.optimizer import LossScaler, MixedPrecisionAdamW, global_grad_norm
+from megalite.testing import run_distributed
+from megalite.testing.reference import SyntheticDataset, reference_argv
+from megalite.training import Logger, forward_backward, microbatches, setup, train
+from megalite.checkpoint import TrainState
+
+
+def test_lr_schedule_values():
+    cos = LRSchedule(max_lr=1.0, min_lr=0.1, warmup_iters=10, decay_iters=110, style="cosine")
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(10) == pytest.approx(1.0)
+    assert cos(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: cos(pi/2) = 0
+    assert cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    lin = LRSchedule(max_lr=1.0, min_lr=0.0, warmup_iters=0, decay_iters=100, style="linear")
+    assert lin(25) == pytest.approx(0.75)
+    const = LRSchedule(max_lr=0.5, min_lr=0.0, warmup_iters=4, decay_iters=100, style="constant")
+    assert const(1) == pytest.approx(0.25) and const(99) == pytest.approx(0.5)
+    wsd = LRSchedule(max_lr=1.0, min_lr=0.0, warmup_iters=0, decay_iters=100, style="WSD", wsd_decay_iters=20)
+    assert wsd(79) == pytest.approx(1.0) and wsd(90) == pytest.approx(0.5) and wsd(100) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="lr-decay-style"):
+        LRSchedule(1.0, 0.0, 0, 10, style="exp")
+
+
+def test_loss_scaler_halves_on_overflow_and_doubles_after_a_clean_window():
+    s = LossScaler(scale=1024.0, min_scale=1.0, window=3)
+    s.update(overflow=True)
+    assert s.scale == 512.0
+    for _ in range(3):
+        s.update(overflow=False)
+    assert s.scale == 1024.0
+
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--vocab-size", "128", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6",
+        "--log-interval", "1"]
+
+
+@pytest.fixture
+def no_groups(world_of_one):
+    """A world of one without model-parallel groups; whatever the test creates is destroyed after it."""
+    yield
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+
+
+def test_fp16_overflow_steps_are_skipped_and_logged(no_groups, capsys):
+    config, derived = resolve(parse_args(TINY + ["--fp16", "--initial-loss-scale", str(2.0**40)]), 1)
+    run = setup(config, derived)
+    before = [p.detach().clone() for p in run.model.parameters()]
+    data = SyntheticDataset(128, 16, 64)
+    state = train(run, data, None, TrainState(), Logger(run))
+    out = capsys.readouterr().out
+    assert state.skipped_steps >= 1 and "skipped: inf/NaN gradients" in out
+    assert run.optimizer.loss_scale < 2.0**40
+    assert run.chunks[0].embedding.weight.dtype == torch.float16
+    changed = any(not torch.equal(b, p) for b, p in zip(before, run.model.parameters()))
+    assert changed == (state.skipped_steps < 6)
+
+
+def test_a_skipped_step_leaves_the_weights_alone(solo_groups):
+    config, _ = resolve(parse_args(TINY + ["--fp16"]), 1)
+    p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    p.main_grad = torch.tensor([1.0, float("inf"), 0.0])
+    opt = MixedPrecisionAdamW([p], solo_groups, config.training)
+    norm, skipped = opt.step(lr=0.1)
+    assert skipped and norm is None and torch.equal(p, torch.ones(3, dtype=torch.float16))
+
+
+def _grad_norm(argv):
+    config, derived = resolve(parse_args(argv), torch.distributed.get_world_size())
+    run = setup(config, derived)
+    data = SyntheticDataset(128, 16, derived.global_batch_size)
+    run.reducer.zero_grad()
+    forward_backward(run, microbatches(data, 0, run))
+    norm = global_grad_norm([p.main_grad for p in run.optimizer.params], run.optimizer.counted)
+    ps.destroy_model_parallel()
+    return norm
+
+
+@pytest.mark.parametrize("flags,world", [
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--micro-batch-size", "1"], 4),
+    (["--tensor-model-parallel-size", "2", "--untie-embeddings-and-output-weights", "--micro-batch-size", "2"], 2),
+])
+def test_global_grad_norm_counts_every_shard_once(flags, world, no_groups):
+    argv = TINY + ["--global-batch-size", "4"] + flags
+    norms = run_distributed(world, _grad_norm, argv)
+    ref = _grad_norm(reference_argv(argv))
+    assert all(abs(n - ref) / ref < 1e-5 for n in norms), (norms, ref)
