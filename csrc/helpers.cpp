@@ -78,10 +78,12 @@ Int64Array build_sample_index(const Int32Array& sequence_lengths,
       // and keep it only if one did.
       out[2 * next] = j;
       out[2 * next + 1] = end - extra - start;
-      const int64_t ends_here = end <= stop;
+      const int64_t advanced = end + seq_length;
+      const bool ends_here = end <= stop;
+      const bool more_end_here = advanced <= stop;  // decided before `end` moves, so `end` needs no branch
       next += ends_here;
-      end += ends_here * seq_length;
-      if (__builtin_expect(end <= stop, 0)) {
+      end = ends_here ? advanced : end;
+      if (__builtin_expect(more_end_here, 0)) {
         for (; end <= stop && next <= num_samples; ++next, end += seq_length) {  // documents longer than a sample
           out[2 * next] = j;
           out[2 * next + 1] = end - extra - start;

@@ -33,6 +33,7 @@ from megalite.context_parallel import zigzag_positions, zigzag_shard
 from megalite.distributed import device as current_device
 from megalite.distributed import init_distributed, launched_world_size
 from megalite.models.gpt import GPTModel
+from megalite.moe import pop_aux_losses, set_aux_loss_scale, update_expert_biases
 from megalite.optim.ddp import GradReducer
 from megalite.optim.lr_schedule import schedule_from_config
 from megalite.optim.optimizer import MixedPrecisionAdamW
@@ -194,6 +195,8 @@ def forward_backward(run: Run, batches: list[Batch]) -> float:
     on the ranks of the last stage."""
     tokens = global_token_count(batches, run.groups)
     scale = run.optimizer.loss_scale
+    # MoE aux losses are means over one DP replica's microbatch: average them over microbatches and DP ranks.
+    set_aux_loss_scale(scale / (len(batches) * run.groups.size("dp")))
     total = torch.zeros(1, dtype=torch.float64, device=run.device)
     if run.schedule is not None:
         share = lambda losses, b: (losses * b["loss_mask"]).sum() / tokens  # noqa: E731
@@ -210,6 +213,14 @@ def forward_backward(run: Run, batches: list[Batch]) -> float:
     run.reducer.finish()
     comm.all_reduce(total, run.groups.dp_cp)
     return total.item()
+
+
+def optimizer_step(run: Run, lr: float) -> tuple[float | None, bool]:
+    """Update the weights (and the MoE expert biases); returns (grad norm, skipped)."""
+    grad_norm, skipped = run.optimizer.step(lr)
+    if not skipped:
+        update_expert_biases(run.model, run.groups)
+    return grad_norm, skipped
 
 
 @torch.no_grad()
@@ -286,7 +297,7 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
         run.reducer.zero_grad()
         loss = forward_backward(run, batches)
         lr = schedule(state.iteration)
-        grad_norm, skipped = run.optimizer.step(lr)
+        grad_norm, skipped = optimizer_step(run, lr)
         state.iteration += 1
         state.consumed_samples += run.derived.global_batch_size
         state.skipped_steps += int(skipped)
@@ -300,12 +311,17 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
             elapsed = time.perf_counter() - window_start
             steps = t.log_interval if state.iteration % t.log_interval == 0 else state.iteration % t.log_interval
             mean_loss = window_loss / max(1, window_steps)
-            bubble = f" | bubble per stage {bubbles(run)}" if run.schedule is not None else ""
+            extra = f" | bubble per stage {bubbles(run)}" if run.schedule is not None else ""
+            aux = pop_aux_losses()
+            for kind in ("load_balancing_loss", "z_loss"):
+                values = [v for k, v in aux.items() if k.startswith(kind)]
+                if values:
+                    extra += f" | {kind.replace('_', ' ')} {sum(values) / len(values):.4f}"
             log.line(
                 f" iteration {state.iteration:8d}/{run.derived.train_iters} | consumed samples "
                 f"{state.consumed_samples:10d} | lr {lr:.3e} | loss {mean_loss:.6e} | grad norm "
                 f"{(grad_norm or float('nan')):.3f} | tokens/s {tokens_per_step * steps / elapsed:10.1f} | "
-                f"ms/step {1000 * elapsed / steps:8.1f} | skipped {state.skipped_steps}{bubble}"
+                f"ms/step {1000 * elapsed / steps:8.1f} | skipped {state.skipped_steps}{extra}"
             )
             log.scalars(state.iteration, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm or float("nan")})
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()

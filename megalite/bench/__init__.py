@@ -5,6 +5,8 @@ from megalite.subcommands import dispatch
 
 BENCHMARKS = {
     "index": ("megalite.bench.index", "C++ sample-index builder vs NumPy on 10 million documents"),
+    "memory": ("megalite.bench.memory", "activation bytes saved per layer (TP, SP, recompute) vs Korthikanti et al."),
+    "step": ("megalite.bench.step", "one training step: megalite GPT at TP=1 vs a plain PyTorch GPT"),
 }
 
 

@@ -9,7 +9,7 @@ from megalite import parallel_state as ps
 from megalite.arguments import parse_args, resolve
 from megalite.distributed import init_distributed
 from megalite.tensor_parallel import gather_full, get_spec
-from megalite.training import forward_backward, microbatches, setup
+from megalite.training import forward_backward, microbatches, optimizer_step, setup
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
@@ -39,7 +39,7 @@ def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None) 
     for step in range(steps):
         run.reducer.zero_grad()
         losses.append(forward_backward(run, microbatches(dataset, step * derived.global_batch_size, run)))
-        run.optimizer.step(lr if lr is not None else config.training.lr)
+        optimizer_step(run, lr if lr is not None else config.training.lr)
     params = {
         name: gather_full(p.detach().float(), get_spec(p), getattr(run.groups, get_spec(p).group))
         for chunk in run.chunks for name, p in chunk.named_parameters()
@@ -65,20 +65,25 @@ def logged_losses(results: list[dict]) -> list[float]:
     return next(r["losses"] for r in results if r["logs"])
 
 
-def reference_argv(argv: list[str], drop: tuple[str, ...] = (
-        "--tensor-model-parallel-size", "--context-parallel-size", "--pipeline-model-parallel-size",
-        "--expert-model-parallel-size", "--expert-tensor-parallel-size", "--num-layers-per-virtual-pipeline-stage",
-        "--pipeline-schedule", "--sequence-parallel", "--micro-batch-size", "--cp-comm-type")) -> list[str]:
-    """The same run on one process: parallel flags removed, one microbatch of the whole global batch."""
+PARALLEL_FLAGS = (
+    "--tensor-model-parallel-size", "--context-parallel-size", "--pipeline-model-parallel-size",
+    "--expert-model-parallel-size", "--expert-tensor-parallel-size", "--num-layers-per-virtual-pipeline-stage",
+    "--pipeline-schedule", "--sequence-parallel", "--micro-batch-size", "--cp-comm-type",
+)
+
+
+def reference_argv(argv: list[str], micro_batch_size: int | None = None) -> list[str]:
+    """The same run on one process: parallel flags removed; one microbatch of the whole global batch, or
+    microbatches of `micro_batch_size` (MoE: the aux loss is a mean over each microbatch, so the split matters)."""
     out, i = [], 0
     while i < len(argv):
         flag = argv[i]
         takes_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-        if flag in drop:
+        if flag in PARALLEL_FLAGS:
             i += 2 if takes_value else 1
             continue
         out.append(flag)
         i += 1
-    gbs = parse_args(argv).training.global_batch_size
-    return out + ["--micro-batch-size", str(gbs)]
+    mbs = micro_batch_size or parse_args(argv).training.global_batch_size
+    return out + ["--micro-batch-size", str(mbs)]
 
