@@ -15,6 +15,11 @@ import torch
 import torch.distributed as dist
 
 
+# torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def group_name(group: dist.ProcessGroup | None) -> str:
     """The group's description given at creation (e.g. 'tp[0, 1]'), or 'world'."""
     if group is None or group is dist.GroupMember.WORLD:
@@ -93,7 +98,7 @@ def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, group: di
     """Gather `tensor` from every rank of `group` into `output`, concatenated along dimension 0."""
     _record("all_gather", group, tensor)
     with _naming("all_gather", group):
-        dist.all_gather_into_tensor(output, tensor.contiguous(), group=group)
+        _all_gather_single(output, tensor.contiguous(), group=group)
     return output
 
 
@@ -101,7 +106,7 @@ def reduce_scatter_tensor(output: torch.Tensor, tensor: torch.Tensor, group: dis
     """Sum `tensor` over `group` and keep this rank's slice of dimension 0 in `output`."""
     _record("reduce_scatter", group, tensor)
     with _naming("reduce_scatter", group):
-        dist.reduce_scatter_tensor(output, tensor.contiguous(), group=group)
+        _reduce_scatter_single(output, tensor.contiguous(), group=group)
     return output
 
 

@@ -32,6 +32,7 @@ from megalite.config import MegaliteConfig
 from megalite.context_parallel import zigzag_positions, zigzag_shard
 from megalite.distributed import device as current_device
 from megalite.distributed import init_distributed, launched_world_size
+from megalite.memory import estimate_memory
 from megalite.models.gpt import GPTModel
 from megalite.moe import pop_aux_losses, set_aux_loss_scale, update_expert_biases
 from megalite.optim.ddp import GradReducer
@@ -370,6 +371,10 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     log = Logger(run)
     log.line(f"model: {sum(p.numel() for p in run.model.parameters()):,} parameters on this rank; "
              f"layout {json.dumps(checkpoint_meta(run)['layout'])}")
+    # Activations of one microbatch live at a time without pipelining; 1F1B keeps up to PP in flight.
+    in_flight = 1 if run.schedule is None else min(derived.num_microbatches, run.groups.size("pp"))
+    layers = sum(len(c.layers) for c in run.chunks)
+    log.line(estimate_memory(list(run.model.parameters()), config, derived, in_flight, layers).line())
     state = train(run, train_ds, valid_ds, state, log)
     if t.save and not (t.save_interval and state.iteration % t.save_interval == 0):
         save_checkpoint(t.save, state, run.model, run.optimizer, checkpoint_meta(run))

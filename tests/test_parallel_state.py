@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megalite import comm
 from megalite import parallel_state as ps
 from megalite.parallel_state import generate_rank_groups
 from megalite.testing import run_distributed
@@ -107,7 +108,7 @@ def _reachable_ranks_of_every_group():
         pg = getattr(groups, kind)
         size = dist.get_world_size(pg)
         out = torch.zeros(size, dtype=torch.long)
-        dist.all_gather_into_tensor(out, torch.tensor([dist.get_rank()]), group=pg)
+        comm.all_gather_into_tensor(out, torch.tensor([dist.get_rank()]), pg)
         reached[kind] = out.tolist()
     assert ps.get_tensor_model_parallel_world_size() == 2
     assert ps.get_expert_model_parallel_world_size() == 4
