@@ -313,6 +313,8 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
             steps = t.log_interval if state.iteration % t.log_interval == 0 else state.iteration % t.log_interval
             mean_loss = window_loss / max(1, window_steps)
             extra = f" | bubble per stage {bubbles(run)}" if run.schedule is not None else ""
+            if run.device.type == "cuda":
+                extra += f" | max memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB"
             aux = pop_aux_losses()
             for kind in ("load_balancing_loss", "z_loss"):
                 values = [v for k, v in aux.items() if k.startswith(kind)]
