@@ -73,17 +73,15 @@ Int64Array build_sample_index(const Int32Array& sequence_lengths,
         break;
       }
       const int64_t stop = start + length;
-      // Without branches for the common case of at most one sample ending here (a data-dependent branch would
-      // be mispredicted at random): write the row as if one did (row `next` exists while next <= num_samples),
-      // and keep it only if one did.
+      // The common case, at most one sample ending in this document, runs without a data-dependent branch
+      // (one would be mispredicted at random, and `end` is carried from document to document): write the row
+      // as if a sample ended here (row `next` exists while next <= num_samples) and keep it only if one did.
       out[2 * next] = j;
       out[2 * next + 1] = end - extra - start;
-      const int64_t advanced = end + seq_length;
-      const bool ends_here = end <= stop;
-      const bool more_end_here = advanced <= stop;  // decided before `end` moves, so `end` needs no branch
+      const int64_t ends_here = end <= stop;
       next += ends_here;
-      end = ends_here ? advanced : end;
-      if (__builtin_expect(more_end_here, 0)) {
+      end += seq_length & -ends_here;
+      if (__builtin_expect(end <= stop, 0)) {
         for (; end <= stop && next <= num_samples; ++next, end += seq_length) {  // documents longer than a sample
           out[2 * next] = j;
           out[2 * next + 1] = end - extra - start;

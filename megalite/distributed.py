@@ -14,6 +14,15 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _local_device(backend: str) -> torch.device | None:
+    """NCCL: this process's GPU (LOCAL_RANK), made current; gloo: none."""
+    if backend != "nccl":
+        return None
+    local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(local)
+    return local
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> tuple[int, int]:
     """Initialise the default group once; return (rank, world size).
 
@@ -26,13 +35,12 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> tu
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timeout)
+        dist.init_process_group(backend, timeout=timeout, device_id=_local_device(backend))
     else:
         store_file = tempfile.NamedTemporaryFile(prefix="megalite-store-", delete=False).name
         store = dist.FileStore(store_file, 1)
-        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout,
+                                device_id=_local_device(backend))
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -376,7 +376,8 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     # Activations of one microbatch live at a time without pipelining; 1F1B keeps up to PP in flight.
     in_flight = 1 if run.schedule is None else min(derived.num_microbatches, run.groups.size("pp"))
     layers = sum(len(c.layers) for c in run.chunks)
-    log.line(estimate_memory(list(run.model.parameters()), config, derived, in_flight, layers).line())
+    log.line(estimate_memory(list(run.model.parameters()), config, derived, in_flight, layers,
+                             run.is_last_stage).line())
     state = train(run, train_ds, valid_ds, state, log)
     if t.save and not (t.save_interval and state.iteration % t.save_interval == 0):
         save_checkpoint(t.save, state, run.model, run.optimizer, checkpoint_meta(run))
@@ -393,4 +394,5 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         parser.error(str(e))
     pretrain(config)
+    dist.destroy_process_group()
     return 0

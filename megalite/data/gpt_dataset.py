@@ -124,12 +124,10 @@ def build_gpt_indices(
     num_epochs = 1
     if num_samples is not None:
         num_epochs = max(1, math.ceil((num_samples * seq_length + ADD_EXTRA_TOKEN) / tokens_per_epoch))
-    separate_final = False
-    if num_epochs > 1:
-        assert num_samples is not None
-        samples_before_final = ((num_epochs - 1) * tokens_per_epoch - ADD_EXTRA_TOKEN) // seq_length
-        samples_per_epoch = (tokens_per_epoch - ADD_EXTRA_TOKEN) // seq_length
-        separate_final = num_samples - samples_before_final < int(SEPARATE_FINAL_EPOCH_THRESHOLD * samples_per_epoch)
+    samples_before_final = ((num_epochs - 1) * tokens_per_epoch - ADD_EXTRA_TOKEN) // seq_length
+    samples_per_epoch = (tokens_per_epoch - ADD_EXTRA_TOKEN) // seq_length
+    separate_final = num_epochs > 1 and (
+        num_samples - samples_before_final < int(SEPARATE_FINAL_EPOCH_THRESHOLD * samples_per_epoch))
     rng = np.random.RandomState(seed)
     document_index = _document_index(np.arange(begin, end), num_epochs, rng, separate_final)
     sample_index = build_sample_index(

@@ -30,7 +30,8 @@ def jsonl(tmp_path):
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_jsonl_to_indexed_dataset(jsonl, tmp_path, capsys, workers):
     prefix = str(tmp_path / "out" / "ds")
-    assert cli_main(["preprocess", "--input", jsonl, "--output-prefix", prefix, "--append-eod", "--workers", workers]) == 0
+    argv = ["preprocess", "--input", jsonl, "--output-prefix", prefix, "--append-eod", "--workers", workers]
+    assert cli_main(argv) == 0
     assert f"{prefix}: 300 documents" in capsys.readouterr().out
     assert IndexedDataset(prefix).dtype == np.uint16
     assert documents_of(prefix) == [list(t.encode()) + [EOD] for t in TEXTS]

@@ -34,13 +34,15 @@ def test_trained_bpe_tokenizer_round_trips_and_compresses(trained):
     for text in (TEXT, "the lazy dog jumps", "unseen 字 text"):
         assert tok.detokenize(tok.tokenize(text)) == text
     assert len(tok.tokenize("the quick brown fox")) < len("the quick brown fox".encode()) / 2
-    loaded = build_tokenizer(DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp / "tokenizer.json")))
+    config = DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp / "tokenizer.json"))
+    loaded = build_tokenizer(config)
     assert loaded.tokenize(TEXT) == tok.tokenize(TEXT) and loaded.identity == tok.identity
 
 
 def test_bpe_training_reads_json_lines_by_key(tmp_path):
     data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps({"body": "zebra zebra zebra " * 5, "text": "ignored"}) + "\n" for _ in range(50)))
+    line = json.dumps({"body": "zebra zebra zebra " * 5, "text": "ignored"}) + "\n"
+    data.write_text(line * 50)
     tok = train_bpe_tokenizer([str(data)], 280, str(tmp_path / "t.json"), json_keys=["body"])
     assert len(tok.tokenize("zebra zebra")) <= 3
     assert len(tok.tokenize("ignored")) > 3
