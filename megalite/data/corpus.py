@@ -38,7 +38,7 @@ def stdlib_files(stdlib: str | None = None) -> list[str]:
     return sorted(found, key=lambda path: os.path.relpath(path, root).split(os.sep))
 
 
-def _records(files: list[str], skipped: list[str]) -> Iterator[Record]:
+def _records(files: list[str], skipped: list[str], included: list[str]) -> Iterator[Record]:
     for path in files:
         try:
             with open(path, "rb") as f:
@@ -46,14 +46,17 @@ def _records(files: list[str], skipped: list[str]) -> Iterator[Record]:
         except OSError:
             skipped.append(path)
             continue
-        yield [data.decode("utf-8", errors="replace")], len(data)
+        if data:
+            included.append(path)
+            yield [data.decode("utf-8", errors="replace")], len(data)
 
 
 def default_corpus_prefix(tokenizer: Tokenizer, cache_dir: str | None = None, max_files: int | None = None) -> str:
     """The prefix of the embedded corpus tokenized by `tokenizer`, building it on the first call.
 
-    One document per stdlib .py file (in sorted path order) with the end-of-document token appended; files
-    that cannot be read are skipped. `max_files` keeps only the first files (for quick tests).
+    One document per non-empty stdlib .py file (in sorted path order) with the end-of-document token appended;
+    files that cannot be read are skipped. `max_files` keeps only the first files (for quick tests). The files
+    behind the documents are listed, in order, in PREFIX.files.txt.
     """
     files = stdlib_files()[:max_files]
     key = json.dumps(
@@ -71,15 +74,16 @@ def default_corpus_prefix(tokenizer: Tokenizer, cache_dir: str | None = None, ma
             "sources; give --data-path (or --mock-data)."
         )
     skipped: list[str] = []
+    included: list[str] = []
     # The byte tokenizer is faster in-process than the cost of shipping text to workers and back.
     workers = 1 if isinstance(tokenizer, ByteTokenizer) else min(8, os.cpu_count() or 1)
     total = sum(os.path.getsize(path) for path in files if os.path.isfile(path))
     encode_to_datasets(
-        _records(files, skipped), tokenizer, [prefix], append_eod=True, workers=workers, total_bytes=total,
+        _records(files, skipped, included), tokenizer, [prefix], append_eod=True, workers=workers, total_bytes=total,
         label=f"building the embedded corpus ({len(files)} stdlib files)",
     )
     if skipped:
         print(f"embedded corpus: skipped {len(skipped)} unreadable files, e.g. {skipped[0]}", file=sys.stderr)
-    with open(prefix + ".files.txt", "w") as f:  # the documents' sources, in order, for inspection
-        f.write("".join(f"{path}\n" for path in files if path not in set(skipped)))
+    with open(prefix + ".files.txt", "w") as f:
+        f.write("".join(f"{path}\n" for path in included))
     return prefix

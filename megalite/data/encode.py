@@ -22,7 +22,8 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 """Inputs with these suffixes are JSON lines (one object per line); any other file is plain text."""
 
 TEXT_DOCUMENTS = ("file", "line", "paragraph")
-"""How plain text splits into documents: a whole file, each non-empty line, or blank-line separated blocks."""
+"""How plain text splits into documents: a whole file, each line, or blank-line separated blocks (in the last two,
+surrounding blank lines and trailing spaces are dropped; blank documents are skipped)."""
 
 Record = tuple[list[str], int]
 """The texts of one input record (one per JSON key) and the input bytes it came from (for progress)."""
@@ -54,25 +55,25 @@ def _json_records(path: str, json_keys: Sequence[str]) -> Iterator[Record]:
             yield [str(obj[key]) for key in json_keys], len(raw)
 
 
+def _text_block(lines: list[bytes]) -> Record:
+    text = b"".join(lines).decode("utf-8", errors="replace")
+    return [text.lstrip("\r\n").rstrip()], sum(map(len, lines))
+
+
 def _text_records(path: str, text_document: str) -> Iterator[Record]:
-    if text_document == "file":
-        with open(path, "rb") as f:
-            data = f.read()
-        yield [data.decode("utf-8", errors="replace")], len(data)
-        return
-    block: list[bytes] = []
     with open(path, "rb") as f:
+        if text_document == "file":
+            data = f.read()
+            yield [data.decode("utf-8", errors="replace")], len(data)
+            return
+        block: list[bytes] = []
         for raw in f:
-            if text_document == "line" or not raw.strip():
-                if text_document == "line":
-                    block = [raw]
-                if any(line.strip() for line in block):
-                    yield [b"".join(block).decode("utf-8", errors="replace").strip("\n")], sum(map(len, block))
+            block.append(raw)
+            if text_document == "line" or not raw.strip():  # a line, or a paragraph ended by a blank line
+                yield _text_block(block)
                 block = []
-            else:
-                block.append(raw)
-    if any(line.strip() for line in block):
-        yield [b"".join(block).decode("utf-8", errors="replace").strip("\n")], sum(map(len, block))
+        if block:
+            yield _text_block(block)
 
 
 def read_records(path: str, json_keys: Sequence[str] = ("text",), text_document: str = "file") -> Iterator[Record]:
@@ -136,7 +137,7 @@ class _Encoder:
             docs = []
             for text in texts:
                 ids = self.tokenizer.tokenize_array(text)
-                if self.append_eod:
+                if self.append_eod and ids.size:  # an empty text stays empty, and is skipped
                     ids = np.append(ids, self.tokenizer.eod)
                 docs.append(ids.astype(self.dtype))
             encoded.append(docs)

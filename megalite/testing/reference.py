@@ -65,6 +65,30 @@ def logged_losses(results: list[dict]) -> list[float]:
     return next(r["losses"] for r in results if r["logs"])
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_matches_single_process(world_size: int, argv: list[str], micro_batch_size: int | None = None,
+                                  steps: int = 3, tolerance: float = 1e-5) -> dict:
+    """Train `steps` steps of `argv` on `world_size` gloo ranks and on this process alone (see `reference_argv`);
+    assert the same loss at every step and the same full parameters afterwards (relative error < tolerance).
+    Call from the test process with a world of one initialised. Returns the reference result."""
+    from megalite.testing.pool import run_distributed
+
+    results = run_distributed(world_size, train_and_collect, argv, steps)
+    ref = train_and_collect(reference_argv(argv, micro_batch_size), steps)
+    losses = logged_losses(results)
+    assert len(losses) == steps
+    for got, want in zip(losses, ref["losses"]):
+        assert abs(got - want) / abs(want) < tolerance, (losses, ref["losses"])
+    params = merged_params(results)
+    assert params.keys() == ref["params"].keys()
+    for key, want in ref["params"].items():
+        assert relative_error(params[key], want) < tolerance, key
+    return ref
+
+
 PARALLEL_FLAGS = (
     "--tensor-model-parallel-size", "--context-parallel-size", "--pipeline-model-parallel-size",
     "--expert-model-parallel-size", "--expert-tensor-parallel-size", "--num-layers-per-virtual-pipeline-stage",

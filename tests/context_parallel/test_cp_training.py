@@ -8,13 +8,7 @@ import torch
 from megalite import parallel_state as ps
 from megalite.arguments import parse_args, resolve
 from megalite.testing import run_distributed
-from megalite.testing.reference import (
-    SyntheticDataset,
-    logged_losses,
-    merged_params,
-    reference_argv,
-    train_and_collect,
-)
+from megalite.testing.reference import SyntheticDataset, assert_matches_single_process, reference_argv
 from megalite.training import forward_backward, microbatches, setup
 
 MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
@@ -35,21 +29,11 @@ CASES = {
 }
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_context_parallel_matches_single_process(name, world_of_one):
     world, flags = CASES[name]
-    argv = MODEL + flags
-    results = run_distributed(world, train_and_collect, argv)
-    ref = train_and_collect(reference_argv(argv))
-    for got, want in zip(logged_losses(results), ref["losses"], strict=True):
-        assert abs(got - want) / want < 1e-5, (logged_losses(results), ref["losses"])
-    params = merged_params(results)
-    for key, want in ref["params"].items():
-        assert _rel(params[key], want) < 1e-5, key
+    assert_matches_single_process(world, MODEL + flags)
 
 
 class MaskedForRankOne(SyntheticDataset):

@@ -2,8 +2,7 @@
 and parameters after 3 steps as one process (dropless routing, aux loss, z-loss and expert bias on)."""
 import pytest
 
-from megalite.testing import run_distributed
-from megalite.testing.reference import logged_losses, merged_params, reference_argv, train_and_collect
+from megalite.testing.reference import assert_matches_single_process
 
 MOE = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
        "--ffn-hidden-size", "64", "--seq-length", "32", "--vocab-size", "128", "--global-batch-size", "4",
@@ -26,19 +25,8 @@ CASES = {
 }
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_moe_model_matches_single_process(name, world_of_one):
     world, flags, replica_micro_batch = CASES[name]
-    argv = MOE + flags
-    results = run_distributed(world, train_and_collect, argv)
-    ref = train_and_collect(reference_argv(argv, micro_batch_size=replica_micro_batch))
-    for got, want in zip(logged_losses(results), ref["losses"], strict=True):
-        assert abs(got - want) / want < 1e-5, (logged_losses(results), ref["losses"])
-    params = merged_params(results)
-    assert params.keys() == ref["params"].keys()
-    for key, want in ref["params"].items():
-        assert _rel(params[key], want) < 1e-5, key
+    assert_matches_single_process(world, MOE + flags, micro_batch_size=replica_micro_batch)

@@ -2,8 +2,7 @@
 parameters after 3 steps as the single-process run."""
 import pytest
 
-from megalite.testing import run_distributed
-from megalite.testing.reference import logged_losses, merged_params, reference_argv, train_and_collect
+from megalite.testing.reference import assert_matches_single_process
 
 MODEL = ["--num-layers", "8", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
          "--seq-length", "16", "--vocab-size", "128", "--global-batch-size", "8", "--lr", "0.01",
@@ -35,19 +34,8 @@ CASES = {
 }
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_pipeline_matches_single_process(name, world_of_one):
     world, flags = CASES[name]
-    argv = MODEL + flags
-    results = run_distributed(world, train_and_collect, argv)
-    ref = train_and_collect(reference_argv(argv))
-    for got, want in zip(logged_losses(results), ref["losses"], strict=True):
-        assert abs(got - want) / want < 1e-5, (logged_losses(results), ref["losses"])
-    params = merged_params(results)
-    assert params.keys() == ref["params"].keys()
-    for key, want in ref["params"].items():
-        assert _rel(params[key], want) < 1e-5, key
+    assert_matches_single_process(world, MODEL + flags)
