@@ -135,8 +135,6 @@ py::tuple build_blending_indices(const py::array_t<double, py::array::c_style>& 
   return py::make_tuple(dataset_index, dataset_sample_index);
 }
 
-}  // namespace
-
 template <typename DocIndex>
 void bind_sample_index(py::module_& m) {
   m.def("build_sample_index", &build_sample_index<DocIndex>,
@@ -146,6 +144,8 @@ void bind_sample_index(py::module_& m) {
         py::arg("num_epochs"), py::arg("tokens_per_epoch"), py::arg("drop_last_partial_sequence"),
         py::arg("add_extra_token_to_sequence"));
 }
+
+}  // namespace
 
 void register_helpers(py::module_& m) {
   m.def("build_info", []() { return std::string("megalite C++17 index builder"); },

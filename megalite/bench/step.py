@@ -13,15 +13,16 @@ the two models (the order flips every repetition), after warm-up steps; the medi
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from megalite.config import ModelConfig, TrainingConfig
+from megalite.parallel_state import ProcessGroups
 
 
 # -------------------------------------------------------------------------------------------------- the plain GPT
@@ -152,61 +153,75 @@ def copy_weights(megalite_model: torch.nn.Module, plain: PlainGPT, cfg: ModelCon
 
 
 # --------------------------------------------------------------------------------------------------- the steps
-@dataclass
-class Pair:
-    """Both models with their optimizers, and the batch they train on."""
+class StepPair:
+    """The megalite GPT (TP=1, with megalite's gradient reducer and optimizer) and the plain GPT with identical
+    weights, `torch.optim.AdamW` and `clip_grad_norm_`, the same hyper-parameters and the same batch."""
 
-    cfg: ModelConfig
-    megalite_model: torch.nn.Module
-    plain: PlainGPT
-    megalite_step: Callable[[], float]
-    plain_step: Callable[[], float]
+    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, vocab_size: int, micro_batch_size: int,
+                 seed: int = 1234):
+        from megalite.models.gpt import GPTModel
+        from megalite.optim.ddp import GradReducer
+        from megalite.optim.optimizer import MixedPrecisionAdamW
 
+        if groups.size("tp") != 1:
+            raise ValueError("the plain GPT is the TP=1 model")
+        self.cfg = cfg
+        self.model = GPTModel(cfg, groups, vocab_size=vocab_size)
+        self.model.initialize(seed)
+        self.plain = PlainGPT(cfg, vocab_size)
+        copy_weights(self.model, self.plain, cfg)
+        self.train = TrainingConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
+        self.reducer = GradReducer(list(self.model.parameters()), groups)
+        self.optimizer = MixedPrecisionAdamW(list(self.model.parameters()), groups, self.train)
+        decay = [p for p in self.plain.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.plain.parameters() if p.ndim <= 1]
+        t = self.train
+        self.plain_optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+        )
+        data = torch.randint(0, vocab_size, (micro_batch_size, cfg.seq_length + 1),
+                             generator=torch.Generator().manual_seed(seed))
+        self.tokens, self.labels = data[:, :-1], data[:, 1:]
 
-def build_pair(cfg: ModelConfig, vocab_size: int, micro_batch_size: int, seed: int = 1234) -> Pair:
-    """Both models with identical weights and the same batch; needs torch.distributed initialised (one rank)."""
-    from megalite import parallel_state as ps
-    from megalite.models.gpt import GPTModel
-    from megalite.optim.ddp import GradReducer
-    from megalite.optim.optimizer import MixedPrecisionAdamW
-
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    groups = ps.initialize_model_parallel()
-    model = GPTModel(cfg, groups, vocab_size=vocab_size)
-    model.initialize(seed)
-    plain = PlainGPT(cfg, vocab_size)
-    copy_weights(model, plain, cfg)
-    train = TrainingConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
-    reducer = GradReducer(list(model.parameters()), groups)
-    optimizer = MixedPrecisionAdamW(list(model.parameters()), groups, train)
-    decay = [p for p in plain.parameters() if p.ndim > 1]
-    no_decay = [p for p in plain.parameters() if p.ndim <= 1]
-    plain_opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps)
-    g = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, vocab_size, (micro_batch_size, cfg.seq_length + 1), generator=g)
-    tokens, labels = data[:, :-1], data[:, 1:]
-
-    def megalite_step() -> float:
-        reducer.zero_grad()
-        losses = model(tokens, labels=labels)
+    def megalite_forward_backward(self) -> float:
+        """Zeroed gradients, then the mean loss's gradients in each parameter's `main_grad`; returns the loss."""
+        self.reducer.zero_grad()
+        losses = self.model(self.tokens, labels=self.labels)
         loss = losses.sum() / losses.numel()
         loss.backward()
-        reducer.finish()
-        optimizer.step(train.lr)
+        self.reducer.finish()
         return loss.item()
 
-    def plain_step() -> float:
-        plain_opt.zero_grad(set_to_none=True)
-        loss = plain(tokens, labels)
+    def plain_forward_backward(self) -> float:
+        """Zeroed gradients, then the mean loss's gradients in each parameter's `grad`; returns the loss."""
+        self.plain_optimizer.zero_grad(set_to_none=True)
+        loss = self.plain(self.tokens, self.labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(plain.parameters(), train.clip_grad)
-        plain_opt.step()
         return loss.item()
 
-    return Pair(cfg, model, plain, megalite_step, plain_step)
+    def megalite_step(self) -> float:
+        loss = self.megalite_forward_backward()
+        self.optimizer.step(self.train.lr)
+        return loss
+
+    def plain_step(self) -> float:
+        loss = self.plain_forward_backward()
+        torch.nn.utils.clip_grad_norm_(self.plain.parameters(), self.train.clip_grad)
+        self.plain_optimizer.step()
+        return loss
+
+    def pairs(self, what: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Plain parameter name -> (megalite's tensor in the plain layout, plain's tensor), for `what` in
+        'weight' or 'grad' (megalite's gradient is its `main_grad`)."""
+        plain = dict(self.plain.named_parameters())
+        out = {}
+        for name, p in self.model.named_parameters():
+            plain_name, order = plain_name_and_order(name, self.cfg)
+            q = plain[plain_name]
+            out[plain_name] = (order(p.detach() if what == "weight" else p.main_grad),
+                               q.detach() if what == "weight" else q.grad)
+        return out
 
 
 def time_interleaved(steps: dict[str, Callable[[], float]], warmup: int, iters: int) -> dict[str, list[float]]:
@@ -224,12 +239,13 @@ def time_interleaved(steps: dict[str, Callable[[], float]], warmup: int, iters: 
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
-    ffn = args.ffn_hidden_size or (4 * args.hidden_size if not args.swiglu else
-                                   64 * -(-8 * args.hidden_size // 3 // 64))
+    """The benchmark's model: the flags, megalite's defaults otherwise (the `auto` attention back-end: SDPA on
+    CPU); the MLP width defaults as `megalite train` derives it."""
+    ffn = args.ffn_hidden_size or (64 * math.ceil(8 * args.hidden_size / 3 / 64) if args.swiglu
+                                   else 4 * args.hidden_size)
     return ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=ffn,
                        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-                       seq_length=args.seq_length, normalization=args.normalization, swiglu=args.swiglu,
-                       attention_backend="sdpa")
+                       seq_length=args.seq_length, normalization=args.normalization, swiglu=args.swiglu)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -260,6 +276,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    from megalite import parallel_state as ps
     from megalite.distributed import init_distributed
 
     args = parse_args(argv)
@@ -267,8 +284,17 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     init_distributed("gloo")
     cfg = model_config(args)
-    pair = build_pair(cfg, args.vocab_size, args.micro_batch_size)
-    n_megalite = sum(p.numel() for p in pair.megalite_model.parameters())
+    pair = StepPair(cfg, ps.initialize_model_parallel(), args.vocab_size, args.micro_batch_size)
+    try:
+        return report(pair, args)
+    finally:
+        ps.destroy_model_parallel()
+
+
+def report(pair: StepPair, args: argparse.Namespace) -> int:
+    """Check that both models compute the same loss, time both, print the table; 1 if the models differ."""
+    cfg = pair.cfg
+    n_megalite = sum(p.numel() for p in pair.model.parameters())
     n_plain = sum(p.numel() for p in pair.plain.parameters())
     first_megalite, first_plain = pair.megalite_step(), pair.plain_step()
     if n_megalite != n_plain or abs(first_megalite - first_plain) > 1e-5 * abs(first_plain):

@@ -19,7 +19,7 @@ from megalite.data.tokenizers import ByteTokenizer, Tokenizer
 EXCLUDED_DIRECTORIES = frozenset({"site-packages", "dist-packages", "__pycache__"})
 """Folders of the stdlib tree that hold installed packages or bytecode, not the standard library."""
 
-CORPUS_FORMAT = 1
+CORPUS_FORMAT = 2
 """Bump when the way the corpus is built changes, so that old caches are not reused."""
 
 

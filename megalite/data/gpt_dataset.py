@@ -16,6 +16,7 @@ Several weighted prefixes are blended sample by sample (`build_blending_indices`
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -23,7 +24,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -139,10 +140,11 @@ def build_gpt_indices(
     return document_index, sample_index, shuffle_index
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
+def _write_atomically(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` through `write(file)` under a temporary name, then rename: readers never see it partial."""
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "wb") as f:
-        np.save(f, array)
+        write(f)
     os.replace(temporary, path)
 
 
@@ -163,10 +165,8 @@ def cached_gpt_indices(
     try:
         os.makedirs(cache_dir, exist_ok=True)
         for path, array in zip(paths, indices):
-            _save_npy(path, array)
-        with open(f"{base}-description.txt.tmp-{os.getpid()}", "w") as f:
-            f.write(text)
-        os.replace(f"{base}-description.txt.tmp-{os.getpid()}", f"{base}-description.txt")  # written last: complete
+            _write_atomically(path, lambda f, a=array: np.save(f, a))
+        _write_atomically(f"{base}-description.txt", lambda f: f.write(text.encode()))  # last: the set is complete
     except OSError as e:
         raise OSError(f"cannot write dataset indices to {cache_dir} ({e}); set --data-cache-path to a writable "
                       "directory shared by all ranks.") from e
@@ -252,8 +252,12 @@ def rank_zero_first(fn: Callable[[], T]) -> T:
     return fn()
 
 
-def _sources(config: MegaliteConfig, tokenizer: Tokenizer) -> list[tuple[float, str | None, TokenSource]]:
-    """(weight, prefix or None for mock data, token source) of each dataset the config names."""
+Source = tuple[float, "str | None", TokenSource]
+"""A dataset to draw from: (weight, prefix or None for mock data, its tokens)."""
+
+
+def _sources(config: MegaliteConfig, tokenizer: Tokenizer) -> list[Source]:
+    """The datasets the config names: --mock-data, --data-path (weighted), or the embedded corpus."""
     data = config.data
     if data.mock_data:
         return [(1.0, None, MockTokenSource(tokenizer.vocab_size, tokenizer.eod))]
@@ -263,7 +267,7 @@ def _sources(config: MegaliteConfig, tokenizer: Tokenizer) -> list[tuple[float, 
         pairs = [(1.0, default_corpus_prefix(tokenizer))]
     else:
         pairs = weighted_data_paths(data.data_path)
-    sources: list[tuple[float, str | None, TokenSource]] = []
+    sources: list[Source] = []
     for weight, prefix in pairs:
         source = IndexedDataset(prefix)
         if source.dtype.kind not in "iu":
@@ -293,8 +297,8 @@ def _description(prefix: str, split: str, fractions: list[float], documents: tup
     }
 
 
-def _build_split(config: MegaliteConfig, tokenizer: Tokenizer, sources: list, split_id: int, num_samples: int
-                 ) -> torch.utils.data.Dataset | None:
+def _build_split(config: MegaliteConfig, tokenizer: Tokenizer, sources: list[Source], split_id: int,
+                 num_samples: int) -> torch.utils.data.Dataset | None:
     fractions = parse_split(config.data.split)
     if num_samples <= 0 or fractions[split_id] == 0:
         return None
@@ -308,7 +312,7 @@ def _build_split(config: MegaliteConfig, tokenizer: Tokenizer, sources: list, sp
         description = _description(prefix, SPLITS[split_id], fractions, (begin, end), wanted, config) if prefix else {}
         indices, from_cache = cached_gpt_indices(
             _cache_dir(config, prefix), description,
-            lambda: build_gpt_indices(source.sequence_lengths, begin, end, wanted, seq_length, seed),
+            functools.partial(build_gpt_indices, source.sequence_lengths, begin, end, wanted, seq_length, seed),
         )
         parts.append((weight, GPTDataset(source, indices, seq_length, tokenizer.eod, config.data.eod_mask_loss,
                                          from_cache)))

@@ -38,7 +38,7 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def detokenize(self, ids: Iterable[int]) -> str:
-        """The text of token ids."""
+        """The text of token ids (ints, or a NumPy array or tensor of them)."""
 
     def tokenize_array(self, text: str) -> np.ndarray:
         """`tokenize` as an int64 array (tokenizers override this where an array is cheaper than a list)."""
@@ -59,7 +59,7 @@ class ByteTokenizer(Tokenizer):
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def detokenize(self, ids: Iterable[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -95,7 +95,7 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: Iterable[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def build_tokenizer(data_config: DataConfig) -> Tokenizer:

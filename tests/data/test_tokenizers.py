@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from megalite.config import DataConfig
 from megalite.data.tokenizers import BPE_EOD, ByteTokenizer, HuggingFaceTokenizer, build_tokenizer, train_bpe_tokenizer
@@ -17,6 +18,7 @@ def test_byte_tokenizer_round_trips_utf8():
     assert ids == list(TEXT.encode("utf-8"))
     assert tok.tokenize_array(TEXT).tolist() == ids
     assert tok.detokenize(ids + [tok.eod]) == TEXT
+    assert tok.detokenize(torch.tensor(ids)) == TEXT
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,7 @@ def test_trained_bpe_tokenizer_round_trips_and_compresses(trained):
     assert tok.eod == json.loads((tmp / "tokenizer.json").read_text())["added_tokens"][0]["id"]
     for text in (TEXT, "the lazy dog jumps", "unseen 字 text"):
         assert tok.detokenize(tok.tokenize(text)) == text
+    assert tok.detokenize(torch.tensor(tok.tokenize(TEXT))) == TEXT
     assert len(tok.tokenize("the quick brown fox")) < len("the quick brown fox".encode()) / 2
     config = DataConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tmp / "tokenizer.json"))
     loaded = build_tokenizer(config)

@@ -9,7 +9,7 @@ from megalite import parallel_state as ps
 from megalite.config import ModelConfig
 from megalite.models.gpt import GPTModel
 from megalite.optim.ddp import GradReducer
-from megalite.tensor_parallel import gather_full, get_spec
+from megalite.tensor_parallel import gather_full, get_spec, model_parallel_seed
 from megalite.testing import run_distributed
 
 VOCAB, SEQ, BATCH, SEED = 128, 8, 2, 7
@@ -31,6 +31,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def loss_and_grads(cfg: ModelConfig, tp: int, sp: bool, **model_kwargs) -> tuple[float, dict[str, torch.Tensor]]:
     """Run one forward/backward on this rank's model; return the loss and every full (gathered) gradient."""
     groups = ps.initialize_model_parallel(tp=tp)
+    model_parallel_seed(SEED, groups.rank("tp"))
     model = GPTModel(cfg, groups, vocab_size=VOCAB, sequence_parallel=sp, **model_kwargs)
     model.initialize(SEED)
     reducer = GradReducer(list(model.parameters()), groups)
@@ -66,3 +67,19 @@ def test_tp_sp_gqa_tied_match_single_process(tp, world_of_one):
             assert grads.keys() == ref_grads.keys()
             for name, g in grads.items():
                 assert _rel(g, ref_grads[name]) < 1e-5, (sp, gqa, tied, rank, name)
+
+
+def _loss_and_grads_with_recompute(granularity):
+    return loss_and_grads(model_config(gqa=True, tied=True, recompute_granularity=granularity,
+                                       hidden_dropout=0.1, attention_dropout=0.1), 2, True)
+
+
+def test_full_and_selective_recompute_give_the_same_loss_and_gradients_with_dropout():
+    """Recomputation replays the same random draws (dropout on): identical loss and gradients on TP=2 + SP."""
+    plain, full, selective = (run_distributed(2, _loss_and_grads_with_recompute, g) for g in (None, "full",
+                                                                                              "selective"))
+    for rank in range(2):
+        for other in (full, selective):
+            assert other[rank][0] == plain[rank][0]
+            for name, g in plain[rank][1].items():
+                assert torch.equal(other[rank][1][name], g), name

@@ -1,4 +1,7 @@
 """LR schedules, fp16 loss scaling with skipped steps, and gradient clipping with every shard counted once."""
+import math
+import re
+
 import pytest
 import torch
 
@@ -93,3 +96,27 @@ def test_global_grad_norm_counts_every_shard_once(flags, world, no_groups):
     norms = run_distributed(world, _grad_norm, argv)
     ref = _grad_norm(reference_argv(argv))
     assert all(abs(n - ref) / ref < 1e-5 for n in norms), (norms, ref)
+
+
+def test_bf16_training_keeps_fp32_main_weights_and_learns(no_groups):
+    config, derived = resolve(parse_args(TINY + ["--bf16", "--lr", "0.01"]), 1)
+    run = setup(config, derived)
+    data = SyntheticDataset(128, 16, 64)
+    losses = [forward_backward(run, microbatches(data, 0, run)) for _ in range(1)]
+    for _ in range(5):
+        run.reducer.zero_grad()
+        losses.append(forward_backward(run, microbatches(data, 0, run)))
+        run.optimizer.step(0.01)
+    assert run.chunks[0].embedding.weight.dtype == torch.bfloat16
+    assert all(m.dtype == torch.float32 for m in run.optimizer.main)
+    assert losses[-1] < losses[0] - 0.1  # the same batch: bf16 training fits it
+
+
+def test_validation_loss_and_perplexity_are_logged(no_groups, capsys):
+    config, derived = resolve(parse_args(TINY + ["--eval-interval", "3", "--eval-iters", "2"]), 1)
+    run = setup(config, derived)
+    state = train(run, SyntheticDataset(128, 16, 64), SyntheticDataset(128, 16, 64, seed=1), TrainState(), Logger(run))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "validation" in line]
+    assert state.iteration == 6 and len(lines) == 2
+    loss, ppl = (float(x) for x in re.search(r"loss (\S+) \| perplexity (\S+)", lines[-1]).groups())
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-3)
