@@ -2,6 +2,7 @@
 parameters after 3 steps as the single-process run."""
 import pytest
 
+from megalite.testing import run_distributed
 from megalite.testing.reference import assert_matches_single_process
 
 MODEL = ["--num-layers", "8", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
@@ -39,3 +40,26 @@ CASES = {
 def test_pipeline_matches_single_process(name, world_of_one):
     world, flags = CASES[name]
     assert_matches_single_process(world, MODEL + flags)
+
+
+def _measured_bubbles(argv):
+    import torch.distributed as dist
+
+    from megalite import parallel_state as ps
+    from megalite.arguments import parse_args, resolve
+    from megalite.testing.reference import SyntheticDataset
+    from megalite.training import bubbles, forward_backward, microbatches, setup
+
+    config, derived = resolve(parse_args(argv), dist.get_world_size())
+    run = setup(config, derived)
+    forward_backward(run, microbatches(SyntheticDataset(128, 16, 8), 0, run))
+    per_stage = bubbles(run)
+    ps.destroy_model_parallel()
+    return run.last_bubble, per_stage
+
+
+def test_the_runtime_measures_each_ranks_bubble(world_of_one):
+    argv = MODEL + ["--pipeline-model-parallel-size", "2", "--micro-batch-size", "1", *SCHEDULES["1f1b"]]
+    (b0, text0), (b1, text1) = run_distributed(2, _measured_bubbles, argv)
+    assert 0.0 < b0 < 1.0 and 0.0 < b1 < 1.0
+    assert text0 == text1 == f"{b0:.2f}/{b1:.2f}"
