@@ -1,7 +1,7 @@
 """Flags -> config, derived values, and one test per validation rule."""
 import pytest
 
-from megalite import arguments
+from megalite import arguments, validation
 from megalite.arguments import ConfigError, parse_args, resolve, to_argv
 from megalite.cli import main as cli_main
 
@@ -68,7 +68,7 @@ RULE_CASES = {
 
 
 def test_there_are_at_least_25_rules_and_each_has_a_case():
-    names = {r.__name__ for r in arguments.RULES}
+    names = {r.__name__ for r in validation.RULES}
     assert len(names) >= 25
     assert names == set(RULE_CASES)
 
@@ -77,7 +77,7 @@ def test_there_are_at_least_25_rules_and_each_has_a_case():
 def test_rule_rejects_its_case_with_a_message_naming_the_flag(name):
     flags, world, phrase = RULE_CASES[name]
     config = parse_args(flags)
-    rule = next(r for r in arguments.RULES if r.__name__ == name)
+    rule = next(r for r in validation.RULES if r.__name__ == name)
     message = rule(config, world)
     assert message is not None and phrase in message, message
     with pytest.raises(ConfigError, match=r"invalid configuration"):
@@ -86,7 +86,7 @@ def test_rule_rejects_its_case_with_a_message_naming_the_flag(name):
 
 @pytest.mark.parametrize("name", sorted(RULE_CASES))
 def test_rule_accepts_the_defaults(name):
-    rule = next(r for r in arguments.RULES if r.__name__ == name)
+    rule = next(r for r in validation.RULES if r.__name__ == name)
     assert rule(parse_args([]), 1) is None
 
 
