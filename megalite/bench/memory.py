@@ -5,7 +5,7 @@ layer and in bytes with 16-bit activations and 1-byte dropout masks: 34sbh + 5as
 sbh(10 + 24/t + 5as/(ht)) with tensor parallelism over t ranks, (34sbh + 5as^2b)/t with sequence parallelism too,
 and without the as^2b term under selective recomputation (s sequence, b micro batch, h hidden, a heads).
 
-The measurement is exact and device-independent: every tensor autograd saves while the layer runs forward goes
+The measurement is exact, on any device: every tensor autograd saves while the layer runs forward goes
 through `torch.autograd.graph.saved_tensors_hooks`; each storage is counted once, with its full size (a saved view
 keeps its whole storage alive), and parameters are left out (they are not activations). Module hooks attribute
 each storage to the part of the layer that saved it first, so the count can be set against the paper item by item.
@@ -119,7 +119,7 @@ def paper_bytes(shape: Shape, tp: int, sequence_parallel: bool, selective: bool)
 class SavedTensorCounter:
     """Counts the storages autograd saves inside `layer`'s forward, each once, by the component saving it first.
 
-    Use as a context manager around the model's forward; saves outside the layer (embedding, head) are ignored.
+    Run the model's forward inside `active()`; saves outside the layer (embedding, head, loss) are ignored.
     """
 
     def __init__(self, layer: torch.nn.Module, excluded: list[torch.Tensor], seq_length: int):
@@ -160,9 +160,9 @@ class SavedTensorCounter:
                 h.remove()
 
 
-def measure_layer(case: Case, shape: Shape, seed: int = 1234) -> LayerMemory:
-    """Build a one-layer GPT for `case` on this rank (bf16, training mode) and count what its layer saves in one
-    forward pass. Needs torch.distributed initialised with a world size divisible by `case.tp`."""
+def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu") -> LayerMemory:
+    """Build a one-layer GPT for `case` on this rank (bf16, training mode, on `device`) and count what its layer
+    saves in one forward pass. Needs torch.distributed initialised with a world size divisible by `case.tp`."""
     from megalite import parallel_state as ps
     from megalite.config import ModelConfig
     from megalite.models.gpt import GPTModel
@@ -170,7 +170,7 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234) -> LayerMemory:
 
     groups = ps.initialize_model_parallel(tp=case.tp)
     try:
-        model_parallel_seed(seed, groups.rank("tp"))
+        model_parallel_seed(seed, groups.rank("tp"), device=torch.device(device))
         cfg = ModelConfig(
             num_layers=1, hidden_size=shape.hidden_size, ffn_hidden_size=4 * shape.hidden_size,
             num_attention_heads=shape.num_attention_heads, seq_length=shape.seq_length, normalization="LayerNorm",
@@ -180,11 +180,11 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234) -> LayerMemory:
         vocab = 64 * case.tp
         model = GPTModel(cfg, groups, vocab_size=vocab, sequence_parallel=case.sequence_parallel)
         model.initialize(seed)
-        model.to(torch.bfloat16).train()
+        model.to(device=device, dtype=torch.bfloat16).train()
         layer = next(iter(model.layers.values()))
         counter = SavedTensorCounter(layer, list(model.parameters()), shape.seq_length)
         tokens = torch.randint(0, vocab, (shape.micro_batch_size, shape.seq_length),
-                               generator=torch.Generator().manual_seed(seed))
+                               generator=torch.Generator().manual_seed(seed)).to(device)
         with counter.active() as memory:
             losses = model(tokens, labels=tokens)
         del losses
@@ -193,9 +193,9 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234) -> LayerMemory:
         ps.destroy_model_parallel()
 
 
-def measure_cases(cases: list[Case], shape: Shape) -> list[LayerMemory]:
+def measure_cases(cases: list[Case], shape: Shape, device: str = "cpu") -> list[LayerMemory]:
     """`measure_layer` for every case, on this rank; all ranks of the world must call it."""
-    return [measure_layer(case, shape) for case in cases]
+    return [measure_layer(case, shape, device=device) for case in cases]
 
 
 def run_cases(cases: list[Case], shape: Shape) -> list[LayerMemory]:
@@ -208,10 +208,11 @@ def run_cases(cases: list[Case], shape: Shape) -> list[LayerMemory]:
 
 def default_cases(tp: int) -> list[Case]:
     """The layouts of the paper's Table 2 with the eager and the default attention back-end, and the default
-    back-end without attention dropout (where PyTorch's fused CPU kernel runs)."""
-    layouts = [(1, False, False), (1, False, True), (tp, False, False), (tp, True, False), (tp, True, True)]
+    back-end without attention dropout (where PyTorch's fused CPU kernel runs). tp = 1: the TP=1 rows only."""
+    layouts = [(1, False, False), (1, False, True)]
+    layouts += [(tp, False, False), (tp, True, False), (tp, True, True)] if tp > 1 else []
     cases = [Case(t, sp, sel, backend) for backend in ("eager", "auto") for t, sp, sel in layouts]
-    return cases + [Case(1, False, False, "auto", 0.0), Case(tp, True, False, "auto", 0.0)]
+    return cases + [Case(t, t > 1, False, "auto", 0.0) for t in sorted({1, tp})]
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -241,7 +242,7 @@ def totals_table(cases: list[Case], results: list[LayerMemory], shape: Shape) ->
 
 def components_table(cases: list[Case], results: list[LayerMemory], shape: Shape) -> str:
     """Markdown: measured vs paper bytes per component (in units of sbh bytes), one column pair per case."""
-    head = "| component | " + " | ".join(f"{c.label} ({c.backend}) measured | paper" for c in cases) + " |"
+    head = "| component | " + " | ".join(f"{c.label} ({c.attention_label}) | paper" for c in cases) + " |"
     rows = [head, "|---|" + "---:|---:|" * len(cases)]
     for name in COMPONENTS.values():
         cells = []
@@ -258,7 +259,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--hidden-size", type=int, default=1024)
     parser.add_argument("--num-attention-heads", type=int, default=16)
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=2, help="t of the TP rows (gloo ranks)")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=2,
+                        help="t of the TP rows, run on as many gloo ranks (CPU only)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the TP=1 rows on this process's GPU (one GPU cannot hold TP ranks)")
     args = parser.parse_args(argv)
     if min(args.seq_length, args.micro_batch_size, args.hidden_size, args.num_attention_heads) < 1:
         parser.error("sizes must be positive")
@@ -270,15 +274,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.seq_length in (args.hidden_size // args.num_attention_heads, args.micro_batch_size):
         parser.error("--seq-length must differ from the head dimension and the micro batch size "
                      "(tensors are told apart by shape)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     return args
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     shape = Shape(args.seq_length, args.micro_batch_size, args.hidden_size, args.num_attention_heads)
-    cases = default_cases(args.tensor_model_parallel_size)
-    results = run_cases(cases, shape)
-    print(f"one transformer layer, bf16 on CPU: s={shape.seq_length} b={shape.micro_batch_size} "
+    if args.device == "cuda":
+        from megalite.distributed import init_distributed
+
+        init_distributed("auto")
+        cases = default_cases(1)
+        results = measure_cases(cases, shape, device="cuda")
+    else:
+        cases = default_cases(args.tensor_model_parallel_size)
+        results = run_cases(cases, shape)
+    print(f"one transformer layer, bf16 on {args.device}: s={shape.seq_length} b={shape.micro_batch_size} "
           f"h={shape.hidden_size} a={shape.num_attention_heads} (sbh = {shape.sbh * 2 / 2**20:.2f} MiB at 2 bytes, "
           f"as²b = {shape.as2b * 2 / 2**20:.2f} MiB at 2 bytes); LayerNorm, GeLU 4h, MHA, biases, hidden dropout "
           "0.1; bytes saved for backward by one rank's layer, each storage once, parameters excluded")
@@ -287,6 +300,6 @@ def main(argv: list[str]) -> int:
     print()
     print("per component, in units of sbh bytes:")
     print()
-    picked = [i for i, c in enumerate(cases) if c.backend == "eager"] + [len(cases) - 2]
+    picked = [i for i, c in enumerate(cases) if c.backend == "eager" or (c.tp == 1 and not c.selective)]
     print(components_table([cases[i] for i in picked], [results[i] for i in picked], shape))
     return 0

@@ -116,9 +116,11 @@ class SelfAttention(torch.nn.Module):
     def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
-        qkv = qkv.view(s, b, self.num_groups, self.heads_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.heads_per_group].reshape(s, b, -1, self.head_dim)
-        k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]
+        # split, not three slices: its backward concatenates the three gradients once instead of zero-filling
+        # and adding three qkv-sized tensors
+        q, k, v = qkv.view(s, b, self.num_groups, self.heads_per_group + 2, self.head_dim).split(
+            [self.heads_per_group, 1, 1], dim=3)
+        q, k, v = q.reshape(s, b, -1, self.head_dim), k.squeeze(3), v.squeeze(3)
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         out = recompute(self.core, q, k, v) if self.selective_recompute else self.core(q, k, v)

@@ -22,6 +22,12 @@ def set_aux_loss_scale(scale: float) -> None:
     _SCALE = float(scale)
 
 
+def reset_aux_losses() -> None:
+    """Back to the state of a fresh process: scale 1, nothing logged."""
+    set_aux_loss_scale(1.0)
+    _LOGGED.clear()
+
+
 def record_aux_loss(name: str, value: torch.Tensor) -> None:
     """Keep one microbatch's value of a logged loss (detached; converted to a float only when popped)."""
     _LOGGED.setdefault(name, []).append(value.detach())

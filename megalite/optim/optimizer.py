@@ -46,9 +46,9 @@ def global_grad_norm(grads: list[torch.Tensor], counted: list[bool]) -> float:
     """L2 norm of all gradients over all ranks, each shard counted once; one all-reduce over the world."""
     device = grads[0].device if grads else torch.device("cpu")
     local = torch.zeros(1, dtype=torch.float64, device=device)
-    for g, c in zip(grads, counted):
-        if c:
-            local += g.double().pow(2).sum()
+    mine = [g for g, c in zip(grads, counted) if c]
+    if mine:  # per-tensor norms (no float64 copy of every gradient), squared and summed in float64
+        local += torch.stack(torch._foreach_norm(mine)).double().pow(2).sum()
     comm.all_reduce(local, dist.group.WORLD)
     return math.sqrt(local.item())
 

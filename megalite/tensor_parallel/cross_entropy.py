@@ -19,7 +19,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits = logits.float()
         per_rank = logits.shape[-1]
         start = dist.get_rank(group) * per_rank
-        logits_max = logits.max(dim=-1).values
+        logits_max = logits.amax(dim=-1)  # amax: max() also computes the argmax, ~10x slower on CPU
         comm.all_reduce(logits_max, group, op=dist.ReduceOp.MAX)
         shifted = logits - logits_max.unsqueeze(-1)
         local_target = target - start

@@ -51,10 +51,13 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _reset_rank_state() -> None:
+    """Undo what a test function may have left in the process: model-parallel groups, MoE aux-loss state."""
     from megalite import parallel_state
+    from megalite.moe.aux_loss import reset_aux_losses
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    reset_aux_losses()
 
 
 def _worker(rank: int, world_size: int, workdir: str, conn: mp.connection.Connection, parent_pid: int) -> None:

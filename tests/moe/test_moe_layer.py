@@ -9,7 +9,7 @@ import torch
 from megalite import comm
 from megalite import parallel_state as ps
 from megalite.config import ModelConfig
-from megalite.moe import MoELayer, pop_aux_losses, update_expert_biases
+from megalite.moe import MoELayer, pop_aux_losses, set_aux_loss_scale, update_expert_biases
 from megalite.optim.ddp import GradReducer
 from megalite.tensor_parallel import gather_full, get_spec, initialize_parameters
 from megalite.testing import run_distributed
@@ -48,6 +48,7 @@ def run_layer(overrides: dict, tp: int = 1, cp: int = 1, ep: int = 1, etp: int =
         layer.router.expert_bias[UNUSED_EXPERT] = -10.0
     reducer = GradReducer(list(layer.parameters()), groups)
     pop_aux_losses()
+    set_aux_loss_scale(1.0)  # the scale is process-global; a training test may have left another value
     outputs, input_grads = [], []
     for d in replicas if replicas is not None else [groups.rank("dp")]:
         x, g = (local_slice(t, groups, sp) for t in replica(d))
