@@ -27,13 +27,15 @@ class MLP(torch.nn.Module):
                                      sequence_parallel=sequence_parallel, std=output_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.fc2(h)
+        return self.fc2(activation(self.fc1(x), self.swiglu))
+
+
+def activation(h: torch.Tensor, swiglu: bool) -> torch.Tensor:
+    """SwiGLU on fc1's [gate; up] halves (of this rank's shard), or GeLU."""
+    if swiglu:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
 
 
 def output_std(cfg: ModelConfig) -> float:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megalite.config import ModelConfig
+from megalite.models.mlp import activation
 from megalite.parallel_state import ProcessGroups
 from megalite.tensor_parallel.layers import linear
 from megalite.tensor_parallel.sharding import ShardSpec, set_spec
@@ -42,13 +42,7 @@ class ExpertMLP(torch.nn.Module):
         self.fc2 = ExpertLinear(cfg.hidden_size, ffn, 1, etp, std=output_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return self.fc2(h)
+        return self.fc2(activation(self.fc1(x), self.swiglu))
 
 
 class LocalExperts(torch.nn.ModuleDict):

@@ -1,6 +1,5 @@
 """Checkpoints through the real command line: resume reproduces the uninterrupted run bit for bit, a process
 SIGKILLed inside a save resumes from the newest complete checkpoint, and mismatched runs are refused."""
-import os
 import re
 import signal
 import subprocess
