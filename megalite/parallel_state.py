@@ -142,6 +142,26 @@ class ProcessGroups:
 
 _GROUPS: ProcessGroups | None = None
 _CREATED: list[dist.ProcessGroup] = []
+_REUSABLE: dict[tuple[str, tuple[int, ...], datetime.timedelta], dist.ProcessGroup | None] | None = None
+"""Groups kept across `destroy_model_parallel` when group reuse is on, by (kind, members, timeout): the kind is in
+the key so that a group keeps the name it is reported under (`comm.group_name`). None when reuse is off."""
+
+
+def set_group_reuse(enabled: bool) -> None:
+    """Keep process groups alive across `destroy_model_parallel` and hand them out again to a later
+    `initialize_model_parallel` with the same members.
+
+    For processes that build many layouts one after another (the test harness's pooled ranks): every gloo group
+    costs a store round trip and a full-mesh TCP connect, and creating thousands of them is slow and exposes the
+    suite to rare connect failures. Must be set identically on all ranks, before any group is made."""
+    global _REUSABLE
+    if _GROUPS is not None:
+        raise RuntimeError("set_group_reuse() must be called while no model-parallel groups exist")
+    if not enabled and _REUSABLE:
+        for pg in _REUSABLE.values():
+            if pg is not None:
+                dist.destroy_process_group(pg)
+    _REUSABLE = {} if enabled else None
 
 
 def default_backend() -> str:
@@ -176,10 +196,7 @@ def initialize_model_parallel(
         for members in layout[kind]:
             key = tuple(members)
             if key not in by_members:
-                pg = dist.new_group(list(members), timeout=timeout, group_desc=f"{kind}{list(members)}")
-                by_members[key] = pg if me in members else None
-                if me in members:
-                    _CREATED.append(pg)
+                by_members[key] = _new_group(kind, key, timeout, member=me in members)
             if me in members:
                 mine[kind] = by_members[key]
                 ranks[kind] = list(members)
@@ -191,8 +208,25 @@ def initialize_model_parallel(
     return _GROUPS
 
 
+def _new_group(
+    kind: str, members: tuple[int, ...], timeout: datetime.timedelta, member: bool
+) -> dist.ProcessGroup | None:
+    """A group of `members` (collective over all ranks: every rank calls this for every group, in the same order);
+    None on ranks outside it. Reuses a kept group when group reuse is on."""
+    if _REUSABLE is not None and (kind, members, timeout) in _REUSABLE:
+        return _REUSABLE[kind, members, timeout]
+    pg = dist.new_group(list(members), timeout=timeout, group_desc=f"{kind}{list(members)}")
+    mine = pg if member else None
+    if _REUSABLE is not None:
+        _REUSABLE[kind, members, timeout] = mine
+    elif member:
+        _CREATED.append(pg)
+    return mine
+
+
 def destroy_model_parallel() -> None:
-    """Destroy the groups made by `initialize_model_parallel` (the default group stays)."""
+    """Destroy the groups made by `initialize_model_parallel` (the default group stays; with group reuse on, the
+    groups are kept for the next layout)."""
     global _GROUPS
     for pg in _CREATED:
         dist.destroy_process_group(pg)

@@ -121,3 +121,23 @@ def test_eight_gloo_ranks_reach_the_layout_groups_tp2_cp4_ep4_etp2():
     for rank, reached in enumerate(results):
         for kind, ranks in reached.items():
             assert ranks == _by_rank(layout[kind])[rank], (rank, kind)
+
+
+def _groups_across_two_layouts():
+    """Build TP=2, then TP=1, then TP=2 again on pooled ranks (group reuse on): report which group objects came
+    back and that each still reaches the right ranks."""
+    seen = []
+    for tp in (2, 1, 2):
+        groups = ps.initialize_model_parallel(tp=tp)
+        out = torch.zeros(groups.size("tp"), dtype=torch.long)
+        comm.all_gather_into_tensor(out, torch.tensor([dist.get_rank()]), groups.tp)
+        seen.append((id(groups.tp), id(groups.dp), out.tolist()))
+        ps.destroy_model_parallel()
+    return seen
+
+
+def test_pooled_ranks_reuse_groups_with_the_same_members():
+    first, other, again = run_distributed(2, _groups_across_two_layouts)[1]
+    assert again[:2] == first[:2], "TP=2 groups were rebuilt instead of reused"
+    assert other[0] != first[0], "TP=1 must not get the TP=2 group"
+    assert (first[2], other[2], again[2]) == ([0, 1], [1], [0, 1])
