@@ -12,12 +12,13 @@ the scaled scores over the keys attended, in float32 (float64 for float64 inputs
 
 `causal` always means the lower-triangular mask of equal-length q and k (a diagonal block). Kernels: on CPU PyTorch's
 flash op, on CUDA SDPA's flash (fp16/bf16) or memory-efficient op, plain math otherwise. flash-attn and Transformer
-Engine are imported lazily, only when asked for.
+Engine are imported lazily, when asked for or when 'auto' looks for them on CUDA.
 """
 from __future__ import annotations
 
 import functools
 import math
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -221,19 +222,52 @@ def _flash_attn_func() -> Callable | None:
     return flash_attn_func
 
 
+@functools.lru_cache(maxsize=None)
+def _te_pytorch() -> ModuleType | None:
+    """`transformer_engine.pytorch`, or None when Transformer Engine is not importable."""
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError:
+        return None
+    return te
+
+
+def _require_cuda_package(name: str, available: bool, q: torch.Tensor) -> None:
+    if not (available and q.is_cuda):
+        package = {"flash": "the flash-attn package", "te": "Transformer Engine"}[name]
+        raise RuntimeError(
+            f"attention backend {name!r} needs {package} and CUDA tensors (pip install megalite[gpu]); "
+            "use --attention-backend sdpa or auto otherwise"
+        )
+
+
 def _flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, dropout_p: float
 ) -> torch.Tensor:
-    fn = _flash_attn_func()
-    if fn is None or not q.is_cuda:
-        raise RuntimeError(
-            "attention backend 'flash' needs the flash-attn package and CUDA tensors "
-            "(pip install megalite[gpu]); use --attention-backend sdpa otherwise"
-        )
     # flash-attn works on [b, s, h, d] and handles grouped-query attention natively.
-    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
-             softmax_scale=scale, causal=causal)
+    out = _flash_attn_func()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                             softmax_scale=scale, causal=causal)
     return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _te_core(hq: int, hkv: int, head_dim: int, causal: bool, scale: float, dropout_p: float) -> torch.nn.Module:
+    """Transformer Engine's `DotProductAttention` for one shape (it holds no parameters, so one is shared)."""
+    return _te_pytorch().DotProductAttention(
+        hq, head_dim, num_gqa_groups=hkv, attention_dropout=dropout_p, qkv_format="bshd",
+        attn_mask_type="causal" if causal else "no_mask", softmax_scale=scale,
+    )
+
+
+def _te_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, dropout_p: float
+) -> torch.Tensor:
+    # TE takes [b, s, h, d] ("bshd"), handles grouped-query attention, and returns [b, s, h * d]. Its dropout draws
+    # from the current CUDA generator, which the caller has forked to the model-parallel stream.
+    b, hq, s, d = q.shape
+    core = _te_core(hq, k.size(1), d, causal, scale, dropout_p)
+    out = core(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.view(b, s, hq, d).transpose(1, 2)
 
 
 def _sdpa_attention(
@@ -250,12 +284,18 @@ def _sdpa_attention(
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """The back-end that `backend` means for `q`: 'auto' is flash-attn on CUDA fp16/bf16 when importable, else sdpa."""
+    """The back-end that `backend` means for `q`: 'auto' is flash-attn, else Transformer Engine, on CUDA fp16/bf16
+    when importable; sdpa otherwise (whose CUDA kernels are flash-attention kernels too)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "flash" if q.is_cuda and q.dtype in _HALF_DTYPES and _flash_attn_func() is not None else "sdpa"
-    return backend
+    if backend != "auto":
+        return backend
+    if q.is_cuda and q.dtype in _HALF_DTYPES:
+        if _flash_attn_func() is not None:
+            return "flash"
+        if _te_pytorch() is not None:
+            return "te"
+    return "sdpa"
 
 
 def attention(
@@ -265,7 +305,7 @@ def attention(
     """Differentiable attention softmax(q k^T * scale [causal]) v -> [b, hq, s, d] on the chosen back-end.
 
     Back-ends: 'eager' (plain math), 'sdpa' (torch's scaled_dot_product_attention), 'flash' (flash-attn, CUDA),
-    'te' (Transformer Engine: not implemented), 'auto' (flash when usable, else sdpa). Dropout: eager, sdpa, flash.
+    'te' (Transformer Engine's DotProductAttention, CUDA), 'auto' (see `resolve_backend`). All take dropout.
     """
     _check(q, k, v, causal)
     scale = _scale(q, scale)
@@ -275,8 +315,7 @@ def attention(
     if name == "sdpa":
         return _sdpa_attention(q, k, v, causal, scale, dropout_p)
     if name == "flash":
+        _require_cuda_package(name, _flash_attn_func() is not None, q)
         return _flash_attention(q, k, v, causal, scale, dropout_p)
-    raise NotImplementedError(
-        "attention backend 'te' (Transformer Engine) is not implemented in megalite: it could not be installed or "
-        "tested where this was written; use --attention-backend flash, sdpa or auto"
-    )
+    _require_cuda_package(name, _te_pytorch() is not None, q)
+    return _te_attention(q, k, v, causal, scale, dropout_p)

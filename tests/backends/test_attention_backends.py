@@ -151,11 +151,65 @@ def test_bad_inputs_and_unavailable_backends_fail_clearly():
         A.attention(q[:, :3], k, v)
     with pytest.raises(ValueError, match="equal query and key lengths"):
         A.attention_forward_with_lse(q[:, :, :5], k, v, causal=True, scale=None)
-    with pytest.raises(RuntimeError, match="flash-attn"):
-        A.attention(q, k, v, backend="flash")
-    with pytest.raises(NotImplementedError, match="Transformer Engine"):
-        A.attention(q, k, v, backend="te")
+    if A._flash_attn_func() is None:
+        with pytest.raises(RuntimeError, match="flash-attn package and CUDA"):
+            A.attention(q, k, v, backend="flash")
+    if A._te_pytorch() is None:
+        with pytest.raises(RuntimeError, match="Transformer Engine and CUDA"):
+            A.attention(q, k, v, backend="te")
     assert A.resolve_backend("auto", q) == "sdpa"
+
+
+# ------------------------------------------------- flash-attn and Transformer Engine adapters, with stand-ins
+def _grouped_bshd_attention(q, k, v, causal, scale):
+    """The documented contract of both packages on [b, s, h, d] inputs, in plain math (through `reference`)."""
+    out, _ = reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
+    return out.to(q.dtype).transpose(1, 2)
+
+
+def fake_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+    assert q.shape[1] == k.shape[1] and q.shape[2] % k.shape[2] == 0, "flash-attn takes [b, s, h, d]"
+    assert dropout_p == 0.0
+    return _grouped_bshd_attention(q, k, v, causal, softmax_scale)
+
+
+class FakeDotProductAttention(torch.nn.Module):
+    """Stand-in for transformer_engine.pytorch.DotProductAttention: checks the arguments megalite passes."""
+
+    def __init__(self, num_attention_heads, kv_channels, num_gqa_groups=None, attention_dropout=0.0,
+                 qkv_format="sbhd", attn_mask_type="causal", softmax_scale=None):
+        super().__init__()
+        assert qkv_format == "bshd" and attn_mask_type in ("causal", "no_mask") and attention_dropout == 0.0
+        self.heads, self.head_dim, self.groups = num_attention_heads, kv_channels, num_gqa_groups
+        self.causal, self.scale = attn_mask_type == "causal", softmax_scale
+
+    def forward(self, q, k, v):
+        b, s = q.shape[:2]
+        assert q.shape[2:] == (self.heads, self.head_dim) and k.shape[2] == self.groups
+        return _grouped_bshd_attention(q, k, v, self.causal, self.scale).reshape(b, s, -1)
+
+
+@pytest.mark.parametrize("adapter", ["flash", "te"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_package_adapters_pass_layouts_heads_and_mask_as_documented(monkeypatch, adapter, causal, hq, hkv):
+    import types
+
+    monkeypatch.setattr(A, "_flash_attn_func", lambda: fake_flash_attn_func)
+    monkeypatch.setattr(A, "_te_pytorch", lambda: types.SimpleNamespace(DotProductAttention=FakeDotProductAttention))
+    A._te_core.cache_clear()
+    try:
+        q, k, v, dout = inputs(hq, hkv)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        run = A._flash_attention if adapter == "flash" else A._te_attention
+        out = run(*leaves, causal, 0.3, 0.0)
+        out.backward(dout)
+    finally:
+        A._te_core.cache_clear()
+    ref_out, _ = reference(q, k, v, causal, 0.3)
+    assert out.shape == q.shape and rel_err(out, ref_out) < 1e-6
+    for got, want in zip(leaves, reference_grads(q, k, v, dout, causal, 0.3)):
+        assert rel_err(got.grad, want) < 1e-5
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
