@@ -1,5 +1,6 @@
 """Per-rank memory estimate printed at start-up: model states counted exactly from this rank's parameters,
-activations from Korthikanti et al. (2022) with the attention core not saved (flash/SDPA kernels)."""
+activations from what megalite's layer saves for backward (`layer_activation_bytes`), in the style of Korthikanti
+et al. (2022) with the attention core not saved (fused kernels)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from megalite.arguments import Derived
-from megalite.config import MegaliteConfig
+from megalite.config import MegaliteConfig, ModelConfig
 
 GIB = 2**30
 
@@ -29,29 +30,75 @@ class MemoryEstimate:
                 f"{self.total / GIB:.2f} GiB")
 
 
+def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp: int, sequence_parallel: bool,
+                           dtype_bytes: int, device_type: str, query_groups: int, ffn_hidden_size: int,
+                           selective: bool = False) -> float:
+    """Bytes one dense transformer layer keeps for backward on one rank, item by item as megalite's layer saves
+    them with a fused attention kernel (SDPA, flash-attn, TE, or ring attention: no s x s matrix is kept).
+
+    `seq` is the sequence on this rank (after CP). Outside the tensor-parallel region (the two norms' and the two
+    first linears' inputs, the two dropout masks) tokens are split by sequence parallelism; inside it (Q, K, V, the
+    attention output that is also the projection's input, the log-sum-exp, the MLP's inner activations) the widths
+    are split by TP. Device-dependent widths: dropout keeps a bool mask on CUDA and a noise tensor of the
+    activation dtype on CPU; LayerNorm keeps its per-token mean and 1/std in float32 on CUDA and in the activation
+    dtype on CPU; megalite's RMSNorm keeps one float32 per token. Checked to the byte against the saved-tensor count
+    of `megalite bench memory` on CPU (tests/test_memory_estimate.py)."""
+    w, h = dtype_bytes, model.hidden_size
+    cuda = device_type == "cuda"
+    tokens = seq * micro_batch
+    local = tokens / (tp if sequence_parallel else 1)
+    head_dim = h // model.num_attention_heads
+    outside = local * h * 4 * w
+    if model.hidden_dropout > 0:
+        outside += 2 * local * h * (1 if cuda else w)
+    per_norm_stats = 2 * (4 if cuda else w) if model.normalization == "LayerNorm" else 4
+    outside += 2 * local * per_norm_stats
+    heads, kv_heads = model.num_attention_heads / tp, query_groups / tp
+    attention = tokens * head_dim * w * (2 * heads + 2 * kv_heads)  # Q, K, V; the output (= projection input)
+    attention += 2 * seq * head_dim * w  # rotary cos and sin tables, whole on every rank
+    if not selective:
+        attention += 4 * micro_batch * heads * seq  # float32 log-sum-exp
+    mlp = tokens / tp * ffn_hidden_size * w * (4 if model.swiglu else 2)
+    return outside + attention + mlp
+
+
 def estimate_memory(params: list[torch.nn.Parameter], config: MegaliteConfig, derived: Derived,
-                    in_flight_microbatches: int, layers_on_rank: int, has_output_layer: bool) -> MemoryEstimate:
+                    in_flight_microbatches: int, layers_on_rank: int, has_output_layer: bool,
+                    device_type: str) -> MemoryEstimate:
     """Weights in their dtype, fp32 main gradients, AdamW moments (+ fp32 main weights in bf16/fp16), and the
-    activations of `in_flight_microbatches` microbatches through `layers_on_rank` layers (34 s b h / t bytes per
-    layer in 16-bit with sequence parallelism, s = sequence per CP rank; MoE layers add their routed tokens'
-    expert activations), plus the output layer's logits on the last stage: s b v/t of them in the model's dtype,
-    in fp32 for the loss, and the fp32 softmax saved for backward (measured on an H100 at v = 151936, s = 8192:
-    without this term the estimate missed 12.5 of 44 GiB)."""
+    activations of `in_flight_microbatches` microbatches through `layers_on_rank` layers.
+
+    Per layer: `layer_activation_bytes` (exact for dense layers on CPU; assumes a fused attention kernel); MoE
+    layers replace the dense MLP by their routed tokens' expert activations (an approximation, not measured);
+    with --recompute-granularity full, each layer keeps only its input, plus one layer recomputed at a time. Plus
+    the output layer's logits on the last stage: s b v/t of them in the model's dtype, in fp32 for the loss, and
+    the fp32 softmax saved for backward (measured on an H100 at v = 151936, s = 8192: without this term the
+    estimate missed 12.5 of 44 GiB)."""
     p, m, t = config.parallel, config.model, config.training
     n = sum(x.numel() for x in params)
     width = params[0].element_size() if params else 4
     mixed = t.bf16 or t.fp16
     optimizer = n * (8 + (4 if mixed else 0))
     s = m.seq_length // p.context_parallel_size
+    b = t.micro_batch_size
     tp = p.tensor_model_parallel_size
-    act_bytes = width / 2  # the formula counts 16-bit activations
-    per_layer = 34 * s * t.micro_batch_size * m.hidden_size * act_bytes
-    per_layer /= tp if p.sequence_parallel else 1
+    sp = p.sequence_parallel and tp > 1
+    per_layer = layer_activation_bytes(
+        m, seq=s, micro_batch=b, tp=tp, sequence_parallel=sp, dtype_bytes=width, device_type=device_type,
+        query_groups=derived.num_query_groups, ffn_hidden_size=derived.ffn_hidden_size,
+        selective=m.recompute_granularity == "selective",
+    )
     if m.num_experts:
-        ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
-        routed = s * t.micro_batch_size * m.moe_router_topk / (tp if p.sequence_parallel else 1)
-        per_layer += routed * (2 * m.hidden_size + 3 * ffn // derived.expert_tensor_parallel_size) * width
-    activations = per_layer * layers_on_rank * in_flight_microbatches
+        dense_mlp = s * b / tp * derived.ffn_hidden_size * width * (4 if m.swiglu else 2)
+        ffn = derived.moe_ffn_hidden_size
+        routed = s * b / tp * m.moe_router_topk
+        experts = routed * (2 * m.hidden_size + (4 if m.swiglu else 2) * ffn / derived.expert_tensor_parallel_size)
+        per_layer += (experts * width - dense_mlp) / m.moe_layer_freq  # every moe_layer_freq-th layer is MoE
+    layer_input = s * b * m.hidden_size * width / (tp if sp else 1)
+    if m.recompute_granularity == "full":
+        activations = (layer_input * layers_on_rank + per_layer) * in_flight_microbatches
+    else:
+        activations = per_layer * layers_on_rank * in_flight_microbatches
     if has_output_layer:
-        activations += s * t.micro_batch_size * (m.vocab_size // tp) * (width + 8)
+        activations += s * b * (m.vocab_size // tp) * (width + 8)
     return MemoryEstimate(params=n * width, grads=n * 4, optimizer=optimizer, activations=activations)

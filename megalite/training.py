@@ -377,7 +377,7 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     in_flight = 1 if run.schedule is None else min(derived.num_microbatches, run.groups.size("pp"))
     layers = sum(len(c.layers) for c in run.chunks)
     log.line(estimate_memory(list(run.model.parameters()), config, derived, in_flight, layers,
-                             run.is_last_stage).line())
+                             run.is_last_stage, run.device.type).line())
     state = train(run, train_ds, valid_ds, state, log)
     if t.save and not (t.save_interval and state.iteration % t.save_interval == 0):
         save_checkpoint(t.save, state, run.model, run.optimizer, checkpoint_meta(run))

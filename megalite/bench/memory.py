@@ -43,6 +43,10 @@ class Shape:
     micro_batch_size: int
     hidden_size: int
     num_attention_heads: int
+    num_query_groups: int | None = None
+    swiglu: bool = False
+    normalization: str = "LayerNorm"
+    """The paper's model is the default (MHA, GeLU of 4h, LayerNorm); the variants serve the estimate's tests."""
 
     @property
     def sbh(self) -> int:
@@ -173,7 +177,8 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu
         model_parallel_seed(seed, groups.rank("tp"), device=torch.device(device))
         cfg = ModelConfig(
             num_layers=1, hidden_size=shape.hidden_size, ffn_hidden_size=4 * shape.hidden_size,
-            num_attention_heads=shape.num_attention_heads, seq_length=shape.seq_length, normalization="LayerNorm",
+            num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
+            swiglu=shape.swiglu, seq_length=shape.seq_length, normalization=shape.normalization,
             hidden_dropout=0.1, attention_dropout=case.attention_dropout, attention_backend=case.backend,
             recompute_granularity="selective" if case.selective else None,
         )

@@ -120,7 +120,9 @@ class SelfAttention(torch.nn.Module):
         # and adding three qkv-sized tensors
         q, k, v = qkv.view(s, b, self.num_groups, self.heads_per_group + 2, self.head_dim).split(
             [self.heads_per_group, 1, 1], dim=3)
-        q, k, v = q.reshape(s, b, -1, self.head_dim), k.squeeze(3), v.squeeze(3)
+        # Q and K become new tensors through rotary; V is copied too, or the kernel saving it (a view) would keep
+        # the whole fused QKV output alive for backward: 4 s b h / t bytes more per layer (docs/activation_memory.md)
+        q, k, v = q.reshape(s, b, -1, self.head_dim), k.squeeze(3), v.squeeze(3).contiguous()
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         out = recompute(self.core, q, k, v) if self.selective_recompute else self.core(q, k, v)

@@ -1,0 +1,43 @@
+"""The start-up memory estimate: the per-layer activation formula against the bytes megalite's layer really
+saves for backward (saved-tensor hooks, bf16, CPU), and the estimate's other terms."""
+import pytest
+
+from megalite.bench.memory import Case, Shape, run_cases
+from megalite.config import ModelConfig
+from megalite.memory import layer_activation_bytes
+
+PAPER = Shape(seq_length=64, micro_batch_size=2, hidden_size=128, num_attention_heads=4)
+MODERN = Shape(seq_length=64, micro_batch_size=2, hidden_size=128, num_attention_heads=4, num_query_groups=2,
+               swiglu=True, normalization="RMSNorm")
+FUSED = dict(backend="auto", attention_dropout=0.0)  # the fused CPU kernel: no s x s matrix kept
+CASES = [Case(1, **FUSED), Case(2, **FUSED), Case(2, sequence_parallel=True, **FUSED),
+         Case(2, sequence_parallel=True, selective=True, **FUSED)]
+
+
+def _formula(shape: Shape, case: Case) -> float:
+    model = ModelConfig(hidden_size=shape.hidden_size, num_attention_heads=shape.num_attention_heads,
+                        swiglu=shape.swiglu, normalization=shape.normalization, hidden_dropout=0.1)
+    return layer_activation_bytes(
+        model, seq=shape.seq_length, micro_batch=shape.micro_batch_size, tp=case.tp,
+        sequence_parallel=case.sequence_parallel, dtype_bytes=2, device_type="cpu",
+        query_groups=shape.num_query_groups or shape.num_attention_heads, ffn_hidden_size=4 * shape.hidden_size,
+        selective=case.selective,
+    )
+
+
+@pytest.mark.parametrize("shape", [PAPER, MODERN], ids=["layernorm_gelu_mha", "rmsnorm_swiglu_gqa"])
+def test_layer_formula_is_what_the_layer_saves_to_the_byte(shape):
+    measured = run_cases(CASES, shape)
+    for case, memory in zip(CASES, measured):
+        assert memory.total == _formula(shape, case), (case.label, memory.total, _formula(shape, case))
+
+
+def test_layer_formula_is_the_papers_34_sbh_on_cuda_for_the_papers_model():
+    """Selective recompute, TP+SP, 1-byte masks on CUDA: the paper's 34 sbh/t plus what the paper has no item for,
+    the rotary tables (whole on every rank) and LayerNorm's float32 mean and 1/std."""
+    s, b, h, a = 4096, 1, 8192, 64
+    model = ModelConfig(hidden_size=h, num_attention_heads=a, normalization="LayerNorm", hidden_dropout=0.1)
+    got = layer_activation_bytes(model, seq=s, micro_batch=b, tp=8, sequence_parallel=True, dtype_bytes=2,
+                                 device_type="cuda", query_groups=a, ffn_hidden_size=4 * h, selective=True)
+    rotary_tables, norm_statistics = 2 * s * (h // a) * 2, 2 * (s * b // 8) * 2 * 4
+    assert got == 34 * s * b * h / 8 + rotary_tables + norm_statistics
