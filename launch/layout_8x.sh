@@ -8,6 +8,7 @@ LAYOUT_ARGS=(
     --expert-tensor-parallel-size 2
     --sequence-parallel
     --cp-comm-type p2p
+    --use-distributed-optimizer   # main weights and Adam moments sharded over DP x CP (4 ranks for dense weights)
 )
 MOE_ARGS=(
     --moe-token-dispatcher-type alltoall

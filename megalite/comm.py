@@ -110,6 +110,13 @@ def reduce_scatter_tensor(output: torch.Tensor, tensor: torch.Tensor, group: dis
     return output
 
 
+def reduce_scatter_tensor_async(output: torch.Tensor, tensor: torch.Tensor, group: dist.ProcessGroup) -> dist.Work:
+    """Start `reduce_scatter_tensor`; wait on the returned request. `tensor` must be contiguous."""
+    _record("reduce_scatter", group, tensor)
+    with _naming("reduce_scatter", group):
+        return _reduce_scatter_single(output, tensor, group=group, async_op=True)
+
+
 def all_to_all_single(
     output: torch.Tensor,
     tensor: torch.Tensor,

@@ -196,6 +196,9 @@ class TrainingConfig:
     """Load only the model weights and start from iteration 0."""
     overlap_grad_reduce: bool = False
     """Reduce gradient buckets during the backward pass."""
+    use_distributed_optimizer: bool = False
+    """Shard the fp32 main weights and Adam moments over the data-parallel ranks (ZeRO-1): gradients are
+    reduce-scattered, each rank updates its share, the weights are all-gathered."""
     ddp_bucket_size: int = 40_000_000
     """Elements per gradient-reduction bucket."""
 

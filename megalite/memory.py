@@ -9,6 +9,7 @@ import torch
 
 from megalite.arguments import Derived
 from megalite.config import MegaliteConfig, ModelConfig
+from megalite.tensor_parallel.sharding import get_spec
 
 GIB = 2**30
 
@@ -25,9 +26,10 @@ class MemoryEstimate:
         return self.params + self.grads + self.optimizer + self.activations
 
     def line(self) -> str:
-        return (f"memory estimate per rank: weights {self.params / GIB:.2f} GiB + fp32 grads {self.grads / GIB:.2f} "
-                f"+ optimizer {self.optimizer / GIB:.2f} + activations {self.activations / GIB:.2f} = "
-                f"{self.total / GIB:.2f} GiB")
+        unit, size = ("GiB", GIB) if self.total >= GIB else ("MiB", 2**20)
+        return (f"memory estimate per rank: weights {self.params / size:.2f} {unit} + fp32 grads "
+                f"{self.grads / size:.2f} + optimizer {self.optimizer / size:.2f} + activations "
+                f"{self.activations / size:.2f} = {self.total / size:.2f} {unit}")
 
 
 def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp: int, sequence_parallel: bool,
@@ -65,8 +67,8 @@ def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp
 def estimate_memory(params: list[torch.nn.Parameter], config: MegaliteConfig, derived: Derived,
                     in_flight_microbatches: int, layers_on_rank: int, has_output_layer: bool,
                     device_type: str) -> MemoryEstimate:
-    """Weights in their dtype, fp32 main gradients, AdamW moments (+ fp32 main weights in bf16/fp16), and the
-    activations of `in_flight_microbatches` microbatches through `layers_on_rank` layers.
+    """Weights in their dtype, fp32 main gradients, AdamW moments (+ fp32 main weights in bf16/fp16; with the
+    distributed optimizer, a 1/g share over each parameter's data-parallel group), and the activations of `in_flight_microbatches` microbatches through `layers_on_rank` layers.
 
     Per layer: `layer_activation_bytes` (exact for dense layers on CPU; assumes a fused attention kernel); MoE
     layers replace the dense MLP by their routed tokens' expert activations (an approximation, not measured);
@@ -78,7 +80,10 @@ def estimate_memory(params: list[torch.nn.Parameter], config: MegaliteConfig, de
     n = sum(x.numel() for x in params)
     width = params[0].element_size() if params else 4
     mixed = t.bf16 or t.fp16
-    optimizer = n * (8 + (4 if mixed else 0))
+    dp_sizes = {"dp_cp": derived.data_parallel_size * p.context_parallel_size,
+                "edp": derived.expert_data_parallel_size}
+    optimizer = sum(x.numel() / (dp_sizes[get_spec(x).data_parallel_group] if t.use_distributed_optimizer else 1)
+                    for x in params) * (8 + (4 if mixed else 0))
     s = m.seq_length // p.context_parallel_size
     b = t.micro_batch_size
     tp = p.tensor_model_parallel_size

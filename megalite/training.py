@@ -154,8 +154,8 @@ def setup(config: MegaliteConfig, derived: Derived) -> Run:
     params = list(model.parameters())
     reducer = GradReducer(params, groups, bucket_size=t.ddp_bucket_size,
                           overlap=t.overlap_grad_reduce and schedule is None,
-                          tied_params=embedding_group_params(chunks))
-    optimizer = MixedPrecisionAdamW(params, groups, t, not_counted=tied_copies(chunks))
+                          distributed=t.use_distributed_optimizer, tied_params=embedding_group_params(chunks))
+    optimizer = MixedPrecisionAdamW(reducer, groups, t, not_counted=tied_copies(chunks))
     return Run(config, derived, groups, model, reducer, optimizer, device, dtype, schedule)
 
 
@@ -257,7 +257,8 @@ def checkpoint_meta(run: Run) -> dict:
         "layout": {"world_size": run.derived.world_size, "tp": p.tensor_model_parallel_size,
                    "cp": p.context_parallel_size, "pp": p.pipeline_model_parallel_size,
                    "ep": p.expert_model_parallel_size, "etp": p.expert_tensor_parallel_size,
-                   "rank_order": p.rank_order},
+                   "rank_order": p.rank_order,
+                   "distributed_optimizer": run.config.training.use_distributed_optimizer},
         "model": dataclasses.asdict(run.config.model),
         "args": to_argv(run.config),
     }

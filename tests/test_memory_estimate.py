@@ -41,3 +41,24 @@ def test_layer_formula_is_the_papers_34_sbh_on_cuda_for_the_papers_model():
                                  device_type="cuda", query_groups=a, ffn_hidden_size=4 * h, selective=True)
     rotary_tables, norm_statistics = 2 * s * (h // a) * 2, 2 * (s * b // 8) * 2 * 4
     assert got == 34 * s * b * h / 8 + rotary_tables + norm_statistics
+
+
+def test_distributed_optimizer_divides_each_parameters_states_by_its_data_parallel_group():
+    import torch
+
+    from megalite.arguments import parse_args, resolve
+    from megalite.memory import estimate_memory
+    from megalite.tensor_parallel.sharding import ShardSpec, set_spec
+
+    flags = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+             "--vocab-size", "128", "--micro-batch-size", "1", "--bf16", "--context-parallel-size", "2",
+             "--num-experts", "4", "--expert-model-parallel-size", "2"]  # world 8: DP x CP = 8, EDP = 4
+    dense = torch.nn.Parameter(torch.empty(100, dtype=torch.bfloat16))
+    expert = set_spec(torch.nn.Parameter(torch.empty(40, dtype=torch.bfloat16)),
+                      ShardSpec((40,), data_parallel_group="edp"))
+    plain = estimate_memory([dense, expert], *resolve(parse_args(flags), 8), 1, 1, False, "cpu")
+    zero = estimate_memory([dense, expert], *resolve(parse_args(flags + ["--use-distributed-optimizer"]), 8), 1, 1,
+                           False, "cpu")
+    assert plain.optimizer == 140 * 12
+    assert zero.optimizer == (100 / 8 + 40 / 4) * 12
+    assert (zero.params, zero.grads, zero.activations) == (plain.params, plain.grads, plain.activations)

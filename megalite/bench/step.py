@@ -176,7 +176,7 @@ class StepPair:
         copy_weights(self.model, self.plain, cfg)
         self.train = TrainingConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
         self.reducer = GradReducer(list(self.model.parameters()), groups)
-        self.optimizer = MixedPrecisionAdamW(list(self.model.parameters()), groups, self.train)
+        self.optimizer = MixedPrecisionAdamW(self.reducer, groups, self.train)
         decay = [p for p in self.plain.parameters() if p.ndim > 1]
         no_decay = [p for p in self.plain.parameters() if p.ndim <= 1]
         t = self.train

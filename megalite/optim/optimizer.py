@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from megalite import comm
 from megalite.config import TrainingConfig
+from megalite.optim.ddp import GradReducer, Segment
 from megalite.parallel_state import ProcessGroups
 from megalite.tensor_parallel.sharding import get_spec
 
@@ -33,11 +34,12 @@ class LossScaler:
                 self.scale *= 2
 
 
-def counted_once(p: torch.nn.Parameter, groups: ProcessGroups) -> bool:
+def counted_once(p: torch.nn.Parameter, groups: ProcessGroups, sharded_over_dp: bool = False) -> bool:
     """Whether this rank's copy of `p` counts towards the global gradient norm: each distinct shard exactly once
-    over all ranks (first rank of its data-parallel group, and of its TP/ETP group if not split there)."""
+    over all ranks (first rank of its data-parallel group unless the distributed optimizer already split it
+    there, and first rank of its TP/ETP group if not split there)."""
     spec = get_spec(p)
-    if groups.rank(spec.data_parallel_group) != 0:
+    if not sharded_over_dp and groups.rank(spec.data_parallel_group) != 0:
         return False
     return spec.dim is not None or groups.rank(spec.group) == 0
 
@@ -54,20 +56,25 @@ def global_grad_norm(grads: list[torch.Tensor], counted: list[bool]) -> float:
 
 
 class MixedPrecisionAdamW:
-    """AdamW over fp32 main copies of the model's parameters (the parameters themselves when they are fp32).
+    """AdamW over fp32 main copies of the parts of the parameters this rank updates (`GradReducer.segments()`:
+    whole parameters, or this rank's 1/g of every bucket with the distributed optimizer). fp32 parameters are
+    updated in place (their main copy is a view of them).
 
     Weight decay skips biases and other 1-D parameters. `step` unscales (fp16), skips the step on inf/NaN,
-    clips the global norm and copies the updated main weights back into the model.
+    clips the global norm, copies the updated main weights back into the model and, with the distributed
+    optimizer, all-gathers them.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], groups: ProcessGroups, cfg: TrainingConfig,
+    def __init__(self, reducer: GradReducer, groups: ProcessGroups, cfg: TrainingConfig,
                  not_counted: list[torch.nn.Parameter] = ()):
-        self.params = [p for p in params if p.requires_grad]
-        self.main = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
+        self.reducer = reducer
+        self.segments = reducer.segments()
+        self.main = [_main_copy(s) for s in self.segments]
         excluded = {id(p) for p in not_counted}
-        self.counted = [counted_once(p, groups) and id(p) not in excluded for p in self.params]
-        decay = [m for p, m in zip(self.params, self.main) if p.ndim > 1]
-        no_decay = [m for p, m in zip(self.params, self.main) if p.ndim <= 1]
+        self.counted = [counted_once(s.param, groups, reducer.distributed) and id(s.param) not in excluded
+                        for s in self.segments]
+        decay = [m for s, m in zip(self.segments, self.main) if s.param.ndim > 1]
+        no_decay = [m for s, m in zip(self.segments, self.main) if s.param.ndim <= 1]
         self.adam = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
@@ -81,11 +88,11 @@ class MixedPrecisionAdamW:
 
     def step(self, lr: float) -> tuple[float | None, bool]:
         """One update with learning rate `lr`; returns (grad norm, skipped). A skipped step has norm None."""
-        for p, m in zip(self.params, self.main):
-            m.grad = p.main_grad
+        for s, m in zip(self.segments, self.main):
+            m.grad = s.grad
         if self.scaler is not None:
             inv = 1.0 / self.scaler.scale
-            found = torch.zeros(1, device=self.main[0].device)
+            found = torch.zeros(1, device=self.reducer.buckets[0].buffer.device)
             for m in self.main:
                 m.grad.mul_(inv)
                 found += (~torch.isfinite(m.grad)).any().float()
@@ -104,30 +111,45 @@ class MixedPrecisionAdamW:
         for group in self.adam.param_groups:
             group["lr"] = lr
         self.adam.step()
-        with torch.no_grad():
-            for p, m in zip(self.params, self.main):
-                if p is not m:
-                    p.copy_(m)
+        self._write_back()
+        self.reducer.gather_params()
         return norm, False
 
+    @torch.no_grad()
+    def _write_back(self) -> None:
+        """Copy the main weights into the model where they are copies (fp32 parameters were updated in place)."""
+        for s, m in zip(self.segments, self.main):
+            if m.dtype != s.param.dtype:
+                _param_part(s).copy_(m)
+
+    @torch.no_grad()
     def reload_from_model(self) -> None:
         """Take the main weights from the model (after loading model weights without optimizer state)."""
-        with torch.no_grad():
-            for p, m in zip(self.params, self.main):
-                if p is not m:
-                    m.copy_(p)
+        for s, m in zip(self.segments, self.main):
+            if m.dtype != s.param.dtype:
+                m.copy_(_param_part(s))
 
     def state_dict(self) -> dict:
         return {"adam": self.adam.state_dict(), "main": [m.detach().clone() for m in self.main],
                 "loss_scale": self.scaler.scale if self.scaler else None,
                 "clean_steps": self.scaler.clean_steps if self.scaler else None}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         self.adam.load_state_dict(state["adam"])
-        with torch.no_grad():
-            for p, m, saved in zip(self.params, self.main, state["main"]):
-                m.copy_(saved)
-                if p is not m:
-                    p.copy_(saved)
+        for m, saved in zip(self.main, state["main"]):
+            m.copy_(saved)
+        self._write_back()
         if self.scaler is not None and state["loss_scale"] is not None:
             self.scaler.scale, self.scaler.clean_steps = state["loss_scale"], state["clean_steps"]
+
+
+def _param_part(s: Segment) -> torch.Tensor:
+    """The elements of the model parameter that `s` covers, as a 1-D view."""
+    return s.param.detach().view(-1)[s.start : s.end]
+
+
+def _main_copy(s: Segment) -> torch.Tensor:
+    """fp32 parameters are their own main copy (a view); others get an fp32 clone of their part."""
+    part = _param_part(s)
+    return part if part.dtype == torch.float32 else part.float().clone()

@@ -2,8 +2,12 @@
 same global batches, with gradient accumulation (2 microbatches per step)."""
 import pytest
 
+from megalite.arguments import parse_args, resolve
+from megalite.testing import run_distributed
 from megalite.testing.reference import (
     assert_matches_single_process,
+    logged_losses,
+    merged_params,
     reference_argv,
     relative_error,
     train_and_collect,
@@ -24,6 +28,14 @@ LAYOUTS = {
                        "--untie-embeddings-and-output-weights"]),
     "dp4_tp2_sp": (8, ["--micro-batch-size", "1", "--tensor-model-parallel-size", "2", "--sequence-parallel",
                        "--overlap-grad-reduce", "--ddp-bucket-size", "5000"]),
+    # the distributed optimizer: odd bucket sizes so that shards cut through parameters
+    "dp2_distributed_optimizer": (2, ["--micro-batch-size", "2", "--use-distributed-optimizer",
+                                      "--ddp-bucket-size", "777"]),
+    "dp4_tp2_sp_distributed_optimizer_overlap": (8, ["--micro-batch-size", "1", "--tensor-model-parallel-size", "2",
+                                                     "--sequence-parallel", "--use-distributed-optimizer",
+                                                     "--overlap-grad-reduce", "--ddp-bucket-size", "3001"]),
+    "dp2_pp2_tied_distributed_optimizer": (4, ["--micro-batch-size", "1", "--pipeline-model-parallel-size", "2",
+                                               "--use-distributed-optimizer"]),
 }
 
 
@@ -36,3 +48,35 @@ def test_data_parallel_matches_single_process(name, world_of_one):
     # the steps really changed the parameters
     initial = train_and_collect(reference_argv(argv), steps=0)["params"]
     assert max(relative_error(ref["params"][k], initial[k]) for k in initial) > 1e-3
+
+
+def _main_weight_elements(argv: list[str]) -> int:
+    """How many fp32 main-weight elements this rank's optimizer holds (each has two Adam moments too)."""
+    import torch.distributed as dist
+
+    from megalite import parallel_state as ps
+    from megalite.training import setup
+
+    config, derived = resolve(parse_args(argv), dist.get_world_size())
+    run = setup(config, derived)
+    count = sum(m.numel() for m in run.optimizer.main)
+    ps.destroy_model_parallel()
+    return count
+
+
+def test_distributed_optimizer_holds_a_dp_share_of_the_states():
+    argv = MODEL + ["--micro-batch-size", "1", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    plain = run_distributed(8, _main_weight_elements, argv)
+    sharded = run_distributed(8, _main_weight_elements, argv + ["--use-distributed-optimizer"])
+    assert len(set(plain)) == 1  # TP shards of equal size
+    assert sum(sharded) == sum(plain) // 4  # dp = 4: every element updated by exactly one rank of its DP group
+    assert max(sharded) - min(sharded) < 4 * 4  # even shares, up to each bucket's padding (< dp; <= 4 buckets)
+
+
+def test_distributed_optimizer_matches_the_replicated_one_in_bf16():
+    argv = MODEL + ["--micro-batch-size", "1", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--bf16"]
+    plain = run_distributed(8, train_and_collect, argv, 3)
+    sharded = run_distributed(8, train_and_collect, argv + ["--use-distributed-optimizer"], 3)
+    assert logged_losses(sharded) == pytest.approx(logged_losses(plain), rel=1e-3)
+    want, got = merged_params(plain), merged_params(sharded)
+    assert max(relative_error(got[k].float(), want[k].float()) for k in want) < 1e-2

@@ -7,6 +7,7 @@ import torch
 
 from megalite import parallel_state as ps
 from megalite.arguments import parse_args, resolve
+from megalite.optim.ddp import GradReducer
 from megalite.optim.lr_schedule import LRSchedule
 from megalite.optim.optimizer import LossScaler, MixedPrecisionAdamW, global_grad_norm
 from megalite.testing import run_distributed
@@ -70,8 +71,9 @@ def test_fp16_overflow_steps_are_skipped_and_logged(no_groups, capsys):
 def test_a_skipped_step_leaves_the_weights_alone(solo_groups):
     config, _ = resolve(parse_args(TINY + ["--fp16"]), 1)
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
-    p.main_grad = torch.tensor([1.0, float("inf"), 0.0])
-    opt = MixedPrecisionAdamW([p], solo_groups, config.training)
+    reducer = GradReducer([p], solo_groups)
+    p.main_grad.copy_(torch.tensor([1.0, float("inf"), 0.0]))
+    opt = MixedPrecisionAdamW(reducer, solo_groups, config.training)
     norm, skipped = opt.step(lr=0.1)
     assert skipped and norm is None and torch.equal(p, torch.ones(3, dtype=torch.float16))
 
@@ -82,7 +84,7 @@ def _grad_norm(argv):
     data = SyntheticDataset(128, 16, derived.global_batch_size)
     run.reducer.zero_grad()
     forward_backward(run, microbatches(data, 0, run))
-    norm = global_grad_norm([p.main_grad for p in run.optimizer.params], run.optimizer.counted)
+    norm = global_grad_norm([s.grad for s in run.optimizer.segments], run.optimizer.counted)
     ps.destroy_model_parallel()
     return norm
 
@@ -90,6 +92,9 @@ def _grad_norm(argv):
 @pytest.mark.parametrize("flags,world", [
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--micro-batch-size", "1"], 4),
     (["--tensor-model-parallel-size", "2", "--untie-embeddings-and-output-weights", "--micro-batch-size", "2"], 2),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--micro-batch-size", "1",
+      "--use-distributed-optimizer"], 4),
+    (["--pipeline-model-parallel-size", "2", "--micro-batch-size", "1", "--use-distributed-optimizer"], 4),
 ])
 def test_global_grad_norm_counts_every_shard_once(flags, world, no_groups):
     argv = TINY + ["--global-batch-size", "4"] + flags
