@@ -80,3 +80,36 @@ def test_distributed_optimizer_matches_the_replicated_one_in_bf16():
     assert logged_losses(sharded) == pytest.approx(logged_losses(plain), rel=1e-3)
     want, got = merged_params(plain), merged_params(sharded)
     assert max(relative_error(got[k].float(), want[k].float()) for k in want) < 1e-2
+
+
+def _gradient_traffic(argv: list[str]) -> dict[str, int]:
+    """Bytes this rank sends into data-parallel collectives during one training step."""
+    import torch.distributed as dist
+
+    from megalite import comm
+    from megalite import parallel_state as ps
+    from megalite.testing.reference import SyntheticDataset
+    from megalite.training import forward_backward, microbatches, optimizer_step, setup
+
+    config, derived = resolve(parse_args(argv), dist.get_world_size())
+    run = setup(config, derived)
+    batches = microbatches(SyntheticDataset(128, 16, derived.global_batch_size), 0, run)
+    run.reducer.zero_grad()
+    with comm.count_comm() as counter:
+        forward_backward(run, batches)
+        optimizer_step(run, 0.01)
+    grads = sum(b.buffer.numel() * 4 for b in run.reducer.buckets)
+    ps.destroy_model_parallel()
+    return {kind: counter.total(kind, "dp") for kind in ("all_reduce", "reduce_scatter", "all_gather")} | \
+        {"buffers": grads}
+
+
+def test_distributed_optimizer_reduce_scatters_the_gradients_and_all_gathers_a_share_of_the_weights():
+    argv = MODEL + ["--micro-batch-size", "1", "--ddp-bucket-size", "1000"]
+    plain = run_distributed(4, _gradient_traffic, argv)[0]
+    zero = run_distributed(4, _gradient_traffic, argv + ["--use-distributed-optimizer"])[0]
+    # group names start with "dp": the DP x CP group is created as "dp[...]" (CP = 1). Besides the gradients:
+    # the step's loss-token count and loss sum, 8 bytes each.
+    assert plain["all_reduce"] == plain["buffers"] + 16 and plain["reduce_scatter"] == plain["all_gather"] == 0
+    assert zero["reduce_scatter"] == zero["buffers"] and zero["all_gather"] == zero["buffers"] // 4
+    assert zero["all_reduce"] == 16
