@@ -34,23 +34,24 @@ class MemoryEstimate:
 
 def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp: int, sequence_parallel: bool,
                            dtype_bytes: int, device_type: str, query_groups: int, ffn_hidden_size: int,
-                           selective: bool = False) -> float:
-    """Bytes one dense transformer layer keeps for backward on one rank, item by item as megalite's layer saves
-    them with a fused attention kernel (SDPA, flash-attn, TE, or ring attention: no s x s matrix is kept).
+                           selective: bool = False, moe: bool = False, expert_tp: int = 1) -> float:
+    """Bytes one transformer layer keeps for backward on one rank, item by item as megalite's layer saves them
+    with a fused attention kernel (SDPA, flash-attn, TE, or ring attention: no s x s matrix is kept).
 
     `seq` is the sequence on this rank (after CP). Outside the tensor-parallel region (the two norms' and the two
     first linears' inputs, the two dropout masks) tokens are split by sequence parallelism; inside it (Q, K, V, the
     attention output that is also the projection's input, the log-sum-exp, the MLP's inner activations) the widths
     are split by TP. Device-dependent widths: dropout keeps a bool mask on CUDA and a noise tensor of the
     activation dtype on CPU; LayerNorm keeps its per-token mean and 1/std in float32 on CUDA and in the activation
-    dtype on CPU; megalite's RMSNorm keeps one float32 per token. Checked to the byte against the saved-tensor count
-    of `megalite bench memory` on CPU (tests/test_memory_estimate.py)."""
+    dtype on CPU; megalite's RMSNorm keeps one float32 per token. With `moe` the MLP is the MoE layer
+    (`moe_layer_bytes`). Checked to the byte against the saved-tensor count of `megalite bench memory` on CPU
+    (tests/test_memory_estimate.py)."""
     w, h = dtype_bytes, model.hidden_size
     cuda = device_type == "cuda"
     tokens = seq * micro_batch
     local = tokens / (tp if sequence_parallel else 1)
     head_dim = h // model.num_attention_heads
-    outside = local * h * 4 * w
+    outside = local * h * 3 * w  # the inputs of the two norms and of the QKV linear
     if model.hidden_dropout > 0:
         outside += 2 * local * h * (1 if cuda else w)
     per_norm_stats = 2 * (4 if cuda else w) if model.normalization == "LayerNorm" else 4
@@ -60,19 +61,53 @@ def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp
     attention += 2 * seq * head_dim * w  # rotary cos and sin tables, whole on every rank
     if not selective:
         attention += 4 * micro_batch * heads * seq  # float32 log-sum-exp
-    mlp = tokens / tp * ffn_hidden_size * w * (4 if model.swiglu else 2)
+    if moe:
+        mlp = moe_layer_bytes(model, tokens=tokens, tp=tp, sequence_parallel=sequence_parallel, dtype_bytes=w,
+                              expert_tp=expert_tp)
+    else:
+        mlp = local * h * w + _mlp_inner_bytes(model, tokens, ffn_hidden_size / tp, w)  # fc1 input, inner
     return outside + attention + mlp
+
+
+def _mlp_inner_bytes(model: ModelConfig, rows: float, width: float, w: int) -> float:
+    """An MLP's activations between fc1 and fc2 for `rows` rows of `width` hidden units: SwiGLU keeps fc1's
+    [gate; up] output, silu(gate) and the product (fc2's input); GeLU its input and output."""
+    return rows * width * w * (4 if model.swiglu else 2)
+
+
+def moe_layer_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence_parallel: bool, dtype_bytes: int,
+                    expert_tp: int) -> float:
+    """Bytes an MoE layer keeps for backward on one rank (dropless; softmax router, the default), when every
+    expert receives its average share of rows (the total over the EP group is exact).
+
+    Each TP rank routes its own T = tokens / tp; the experts see R = T k x ETP rows (gathered over ETP)."""
+    w, h, k = dtype_bytes, model.hidden_size, model.moe_router_topk
+    routed = tokens / tp
+    pairs = routed * k
+    rows = pairs * expert_tp
+    # the router's input: without SP, this rank's 1/tp of the tokens is a view that keeps the whole sequence alive
+    # (shared with the shared expert's fc1 input); with SP, the local tokens
+    out = tokens / (tp if sequence_parallel else 1) * h * w
+    out += routed * (4 * model.num_experts + 12 * k + 4)  # fp32 probabilities, top-k indices and weights
+    out += 8 * (2 * pairs + 2 * rows)  # int64 permutation indices of dispatch and combine
+    out += rows * h * w + _mlp_inner_bytes(model, rows, model.moe_ffn_hidden_size / expert_tp, w)  # experts
+    out += pairs * (h + 1) * w  # the combine's [T, k, h] rows and routing weights, multiplied together
+    shared = model.moe_shared_expert_intermediate_size
+    if shared:
+        out += _mlp_inner_bytes(model, tokens, shared / tp, w)
+    return out
 
 
 def estimate_memory(params: list[torch.nn.Parameter], config: MegaliteConfig, derived: Derived,
                     in_flight_microbatches: int, layers_on_rank: int, has_output_layer: bool,
                     device_type: str) -> MemoryEstimate:
     """Weights in their dtype, fp32 main gradients, AdamW moments (+ fp32 main weights in bf16/fp16; with the
-    distributed optimizer, a 1/g share over each parameter's data-parallel group), and the activations of `in_flight_microbatches` microbatches through `layers_on_rank` layers.
+    distributed optimizer, a 1/g share over each parameter's data-parallel group), and the activations of
+    `in_flight_microbatches` microbatches through `layers_on_rank` layers.
 
-    Per layer: `layer_activation_bytes` (exact for dense layers on CPU; assumes a fused attention kernel); MoE
-    layers replace the dense MLP by their routed tokens' expert activations (an approximation, not measured);
-    with --recompute-granularity full, each layer keeps only its input, plus one layer recomputed at a time. Plus
+    Per layer: `layer_activation_bytes` (dense or MoE, checked to the byte on CPU; assumes a fused attention kernel
+    and, for MoE, a balanced load); with --recompute-granularity full, each layer keeps only its input, plus one
+    layer recomputed at a time. Plus
     the output layer's logits on the last stage: s b v/t of them in the model's dtype, in fp32 for the loss, and
     the fp32 softmax saved for backward (measured on an H100 at v = 151936, s = 8192: without this term the
     estimate missed 12.5 of 44 GiB)."""
@@ -93,12 +128,14 @@ def estimate_memory(params: list[torch.nn.Parameter], config: MegaliteConfig, de
         query_groups=derived.num_query_groups, ffn_hidden_size=derived.ffn_hidden_size,
         selective=m.recompute_granularity == "selective",
     )
-    if m.num_experts:
-        dense_mlp = s * b / tp * derived.ffn_hidden_size * width * (4 if m.swiglu else 2)
-        ffn = derived.moe_ffn_hidden_size
-        routed = s * b / tp * m.moe_router_topk
-        experts = routed * (2 * m.hidden_size + (4 if m.swiglu else 2) * ffn / derived.expert_tensor_parallel_size)
-        per_layer += (experts * width - dense_mlp) / m.moe_layer_freq  # every moe_layer_freq-th layer is MoE
+    if m.num_experts:  # every moe_layer_freq-th layer is an MoE layer
+        moe_layer = layer_activation_bytes(
+            m, seq=s, micro_batch=b, tp=tp, sequence_parallel=sp, dtype_bytes=width, device_type=device_type,
+            query_groups=derived.num_query_groups, ffn_hidden_size=derived.ffn_hidden_size,
+            selective=m.recompute_granularity == "selective", moe=True,
+            expert_tp=derived.expert_tensor_parallel_size,
+        )
+        per_layer += (moe_layer - per_layer) / m.moe_layer_freq
     layer_input = s * b * m.hidden_size * width / (tp if sp else 1)
     if m.recompute_granularity == "full":
         activations = (layer_input * layers_on_rank + per_layer) * in_flight_microbatches

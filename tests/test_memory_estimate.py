@@ -62,3 +62,23 @@ def test_distributed_optimizer_divides_each_parameters_states_by_its_data_parall
     assert plain.optimizer == 140 * 12
     assert zero.optimizer == (100 / 8 + 40 / 4) * 12
     assert (zero.params, zero.grads, zero.activations) == (plain.params, plain.grads, plain.activations)
+
+
+MOE = dict(num_query_groups=2, swiglu=True, normalization="RMSNorm", num_experts=4, moe_router_topk=2,
+           moe_ffn_hidden_size=32)
+MOE_CASES = [Case(1, **FUSED), Case(2, **FUSED), Case(2, sequence_parallel=True, **FUSED)]
+
+
+@pytest.mark.parametrize("shared", [None, 48], ids=["routed_only", "shared_expert"])
+def test_moe_layer_formula_is_what_the_layer_saves_to_the_byte(shared):
+    """EP = 1, ETP = TP (the default): every rank holds every expert, so its row count is exact."""
+    shape = Shape(seq_length=64, micro_batch_size=2, hidden_size=128, num_attention_heads=4,
+                  moe_shared_expert_intermediate_size=shared, **MOE)
+    model = ModelConfig(hidden_size=128, num_attention_heads=4, swiglu=True, normalization="RMSNorm",
+                        hidden_dropout=0.1, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                        moe_shared_expert_intermediate_size=shared)
+    for case, memory in zip(MOE_CASES, run_cases(MOE_CASES, shape)):
+        want = layer_activation_bytes(model, seq=64, micro_batch=2, tp=case.tp,
+                                      sequence_parallel=case.sequence_parallel, dtype_bytes=2, device_type="cpu",
+                                      query_groups=2, ffn_hidden_size=512, moe=True, expert_tp=case.tp)
+        assert memory.total == want, (case.label, memory.total, want)

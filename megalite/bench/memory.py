@@ -46,7 +46,12 @@ class Shape:
     num_query_groups: int | None = None
     swiglu: bool = False
     normalization: str = "LayerNorm"
-    """The paper's model is the default (MHA, GeLU of 4h, LayerNorm); the variants serve the estimate's tests."""
+    num_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    moe_shared_expert_intermediate_size: int | None = None
+    """The paper's model is the default (MHA, GeLU of 4h, LayerNorm, dense); the variants serve the tests of the
+    start-up memory estimate."""
 
     @property
     def sbh(self) -> int:
@@ -179,6 +184,9 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu
             num_layers=1, hidden_size=shape.hidden_size, ffn_hidden_size=4 * shape.hidden_size,
             num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
             swiglu=shape.swiglu, seq_length=shape.seq_length, normalization=shape.normalization,
+            num_experts=shape.num_experts, moe_router_topk=shape.moe_router_topk,
+            moe_ffn_hidden_size=shape.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=shape.moe_shared_expert_intermediate_size,
             hidden_dropout=0.1, attention_dropout=case.attention_dropout, attention_backend=case.backend,
             recompute_granularity="selective" if case.selective else None,
         )

@@ -32,8 +32,9 @@ class DispatchState:
 
     num_tokens: int
     topk: int
-    pair_ids: torch.Tensor
-    """Flat (token x k + slot) index of each dispatched row, in dispatch order."""
+    row_of_pair: torch.Tensor
+    """For each (token, slot) pair, flat as token x k + slot: its row in dispatch order, or the number of rows
+    when the pair was dropped."""
     send_splits: list[int]
     """Rows sent to each EP rank."""
     recv_splits: list[int]
@@ -91,7 +92,10 @@ class AllToAllDispatcher:
 
         local_expert = torch.arange(self.num_local, device=x.device).repeat(from_each.shape[0] * self.ep_size)
         sort = torch.argsort(torch.repeat_interleave(local_expert, from_each.reshape(-1)), stable=True)
-        state = DispatchState(num_tokens, topk, pair_ids, send_splits, recv_splits, etp_sizes, torch.argsort(sort))
+        row_of_pair = torch.full_like(experts, pair_ids.numel())
+        row_of_pair[pair_ids] = torch.arange(pair_ids.numel(), device=x.device)
+        state = DispatchState(num_tokens, topk, row_of_pair, send_splits, recv_splits, etp_sizes,
+                              torch.argsort(sort))
         return rows[sort], from_each.sum((0, 1)).tolist(), state
 
     def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
@@ -99,5 +103,7 @@ class AllToAllDispatcher:
         (token, expert) pair, zero where the pair was dropped."""
         y = reduce_scatter_rows(y[state.unsort], self.etp_group, state.etp_sizes)
         y = mappings.all_to_all(y, self.ep_group, state.send_splits, state.recv_splits)
-        out = y.new_zeros((state.num_tokens * state.topk, *y.shape[1:])).index_copy(0, state.pair_ids, y)
-        return out.view(state.num_tokens, state.topk, *y.shape[1:])
+        # a gather from the rows plus one zero row for the dropped pairs: indexing keeps only the index for
+        # backward (index_copy would keep the [M, h] rows too)
+        y = torch.cat([y, y.new_zeros((1, *y.shape[1:]))])
+        return y[state.row_of_pair].view(state.num_tokens, state.topk, *y.shape[1:])
