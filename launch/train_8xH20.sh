@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # 8 x H20 (96 GB): TP=2 CP=4 PP=1 EP=4 ETP=2, sequence length 32768, bf16, a Qwen1.5-MoE-A2.7B-shaped model
 # (24 layers, hidden 2048, 16 heads, 60 experts of 1408 + a shared expert of 5632, top-4; 14.3B parameters).
-# The per-GPU memory estimate is printed at start-up.
+# The per-GPU memory estimate is printed at start-up; without GPUs: megalite plan memory <the same flags> --world-size 8
+# (55.6 GiB per GPU with the Qwen vocabulary of 151,936, --vocab-size 151936).
 #
 # Environment: DATA_PATH (Megatron indexed-dataset prefix(es), optionally weighted; unset: the embedded corpus),
 # TOKENIZER_MODEL (a tokenizer.json; unset: byte-level), LOAD_CHECKPOINT_DIR, SAVE_CHECKPOINT_DIR,

@@ -99,7 +99,7 @@ def moe_layer_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence_parall
 
 
 def estimate_memory(params: list[torch.nn.Parameter], config: MegaliteConfig, derived: Derived,
-                    in_flight_microbatches: int, layers_on_rank: int, has_output_layer: bool,
+                    in_flight_microbatches: float, layers_on_rank: int, has_output_layer: bool,
                     device_type: str) -> MemoryEstimate:
     """Weights in their dtype, fp32 main gradients, AdamW moments (+ fp32 main weights in bf16/fp16; with the
     distributed optimizer, a 1/g share over each parameter's data-parallel group), and the activations of

@@ -5,6 +5,7 @@ from megalite.subcommands import dispatch
 
 PLANS = {
     "pipeline": ("megalite.pipeline.simulator", "simulate pipeline schedules: bubble and peak activations"),
+    "memory": ("megalite.plan_memory", "per-rank memory estimate of a training run, on the meta device"),
 }
 
 

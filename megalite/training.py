@@ -32,7 +32,7 @@ from megalite.config import MegaliteConfig
 from megalite.context_parallel import zigzag_positions, zigzag_shard
 from megalite.distributed import device as current_device
 from megalite.distributed import init_distributed, launched_world_size
-from megalite.memory import estimate_memory
+from megalite.memory import MemoryEstimate, estimate_memory
 from megalite.models.gpt import GPTModel
 from megalite.moe import pop_aux_losses, set_aux_loss_scale, update_expert_biases
 from megalite.optim.ddp import GradReducer
@@ -40,7 +40,7 @@ from megalite.optim.lr_schedule import schedule_from_config
 from megalite.optim.optimizer import MixedPrecisionAdamW
 from megalite.parallel_state import ProcessGroups
 from megalite.pipeline.runtime import PipelineRuntime
-from megalite.pipeline.schedules import Schedule, build_schedule
+from megalite.pipeline.schedules import Schedule, build_schedule, peak_activations
 from megalite.tensor_parallel import model_parallel_seed
 
 Batch = dict[str, torch.Tensor]
@@ -83,6 +83,23 @@ class Run:
         return self.is_last_stage and g.rank("tp") == 0 and g.rank("dp_cp") == 0
 
 
+def with_vocab_size(config: MegaliteConfig, tokenizer_vocab: int) -> MegaliteConfig:
+    """`config` with the model's vocabulary: --vocab-size, else the tokenizer's padded to
+    --make-vocab-size-divisible-by."""
+    m = config.model
+    vocab = m.vocab_size or padded_vocab_size(tokenizer_vocab, m.make_vocab_size_divisible_by)
+    return dataclasses.replace(config, model=dataclasses.replace(m, vocab_size=vocab))
+
+
+def rank_memory_estimate(config: MegaliteConfig, derived: Derived, chunks: list[GPTModel],
+                         schedule: Schedule | None, groups: ProcessGroups, device_type: str) -> MemoryEstimate:
+    """This rank's memory estimate: its parameters, and the activations of the most microbatches its pipeline
+    schedule keeps in flight (one without pipelining; from F until W where the backward is split)."""
+    in_flight = 1.0 if schedule is None else peak_activations(schedule, until="W")[groups.rank("pp")]
+    return estimate_memory([p for c in chunks for p in c.parameters()], config, derived, in_flight,
+                           sum(len(c.layers) for c in chunks), any(c.post_process for c in chunks), device_type)
+
+
 def pipeline_schedule(config: MegaliteConfig, derived: Derived) -> Schedule | None:
     """The schedule of --pipeline-schedule for this run (None without pipeline parallelism)."""
     p = config.parallel
@@ -94,7 +111,7 @@ def pipeline_schedule(config: MegaliteConfig, derived: Derived) -> Schedule | No
 
 def build_chunks(config: MegaliteConfig, groups: ProcessGroups, schedule: Schedule | None,
                  device: torch.device, dtype: torch.dtype) -> list[GPTModel]:
-    """This rank's model chunks, each initialised from the seed as the full model would be.
+    """This rank's model chunks on `device`, each initialised from the seed as the full model would be.
 
     Stage s of S holds layers [s L/S, (s+1) L/S); stage 0 adds the embedding and stage S-1 the head. When one
     rank holds both ends (zb-v), the tied output layer uses the very embedding parameter of the first stage.
@@ -105,13 +122,18 @@ def build_chunks(config: MegaliteConfig, groups: ProcessGroups, schedule: Schedu
     per_stage = m.num_layers // num_stages
     chunks = []
     for s in stages:
-        chunk = GPTModel(
-            m, groups, vocab_size=m.vocab_size, sequence_parallel=config.parallel.sequence_parallel,
-            cp_comm_type=config.parallel.cp_comm_type, layer_ids=list(range(s * per_stage, (s + 1) * per_stage)),
-            pre_process=s == 0, post_process=s == num_stages - 1,
-        )
-        chunk.initialize(config.training.seed)
-        chunks.append(chunk.to(device=device, dtype=dtype))
+        # Built on the device (moving a module may replace its parameters, and with them their shard specs);
+        # on the meta device (`megalite plan memory`) there is nothing to initialise.
+        with device:
+            chunk = GPTModel(
+                m, groups, vocab_size=m.vocab_size, sequence_parallel=config.parallel.sequence_parallel,
+                cp_comm_type=config.parallel.cp_comm_type,
+                layer_ids=list(range(s * per_stage, (s + 1) * per_stage)),
+                pre_process=s == 0, post_process=s == num_stages - 1,
+            )
+        if device.type != "meta":
+            chunk.initialize(config.training.seed)
+        chunks.append(chunk.to(dtype=dtype))
     first = next((c for c in chunks if c.pre_process), None)
     for c in chunks:
         if c.tied and c.post_process and first is not None and c is not first:
@@ -350,9 +372,8 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     init_distributed(config.parallel.distributed_backend, config.parallel.distributed_timeout_minutes)
     config, derived = resolve(config, dist.get_world_size())
     tokenizer = build_tokenizer(config.data)
-    vocab = config.model.vocab_size or padded_vocab_size(tokenizer.vocab_size,
-                                                         config.model.make_vocab_size_divisible_by)
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab))
+    config = with_vocab_size(config, tokenizer.vocab_size)
+    vocab = config.model.vocab_size
     if derived.train_iters is None:
         config, iters = derive_train_length_from_epochs(config, samples_per_epoch(config, tokenizer))
         derived = dataclasses.replace(derived, train_iters=iters, train_samples=config.training.train_samples)
@@ -374,11 +395,7 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     log = Logger(run)
     log.line(f"model: {sum(p.numel() for p in run.model.parameters()):,} parameters on this rank; "
              f"layout {json.dumps(checkpoint_meta(run)['layout'])}")
-    # Activations of one microbatch live at a time without pipelining; 1F1B keeps up to PP in flight.
-    in_flight = 1 if run.schedule is None else min(derived.num_microbatches, run.groups.size("pp"))
-    layers = sum(len(c.layers) for c in run.chunks)
-    log.line(estimate_memory(list(run.model.parameters()), config, derived, in_flight, layers,
-                             run.is_last_stage, run.device.type).line())
+    log.line(rank_memory_estimate(config, derived, run.chunks, run.schedule, run.groups, run.device.type).line())
     state = train(run, train_ds, valid_ds, state, log)
     if t.save and not (t.save_interval and state.iteration % t.save_interval == 0):
         save_checkpoint(t.save, state, run.model, run.optimizer, checkpoint_meta(run))
