@@ -82,3 +82,25 @@ def test_moe_layer_formula_is_what_the_layer_saves_to_the_byte(shared):
                                       sequence_parallel=case.sequence_parallel, dtype_bytes=2, device_type="cpu",
                                       query_groups=2, ffn_hidden_size=512, moe=True, expert_tp=case.tp)
         assert memory.total == want, (case.label, memory.total, want)
+
+
+def test_moe_layer_formula_is_the_average_over_expert_parallel_ranks():
+    """EP > 1: a rank's expert rows depend on the routing, but their sum over the EP group is every pair (x ETP),
+    so the measured bytes summed over all ranks equal the formula times the world size."""
+    from megalite.bench.memory import measure_cases
+    from megalite.testing import run_distributed
+
+    shape = Shape(seq_length=64, micro_batch_size=2, hidden_size=128, num_attention_heads=4,
+                  moe_shared_expert_intermediate_size=48, **MOE)
+    model = ModelConfig(hidden_size=128, num_attention_heads=4, swiglu=True, normalization="RMSNorm",
+                        hidden_dropout=0.1, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                        moe_shared_expert_intermediate_size=48)
+    cases = [Case(1, ep=4, **FUSED), Case(2, sequence_parallel=True, ep=2, **FUSED)]
+    per_rank = run_distributed(4, measure_cases, cases, shape)
+    for i, case in enumerate(cases):
+        measured = [memories[i].total for memories in per_rank]
+        want = layer_activation_bytes(model, seq=64, micro_batch=2, tp=case.tp,
+                                      sequence_parallel=case.sequence_parallel, dtype_bytes=2, device_type="cpu",
+                                      query_groups=2, ffn_hidden_size=512, moe=True, expert_tp=case.tp)
+        assert len(set(measured)) > 1, "the routing should load the ranks unevenly"
+        assert sum(measured) == 4 * want, (case.label, measured, want)

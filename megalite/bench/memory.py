@@ -71,6 +71,8 @@ class Case:
     selective: bool = False
     backend: str = "eager"
     attention_dropout: float = 0.1
+    ep: int = 1
+    """Expert parallelism (MoE shapes only; the expert-TP size is the TP size)."""
 
     @property
     def label(self) -> str:
@@ -177,7 +179,7 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu
     from megalite.models.gpt import GPTModel
     from megalite.tensor_parallel import model_parallel_seed
 
-    groups = ps.initialize_model_parallel(tp=case.tp)
+    groups = ps.initialize_model_parallel(tp=case.tp, ep=case.ep)
     try:
         model_parallel_seed(seed, groups.rank("tp"), device=torch.device(device))
         cfg = ModelConfig(
@@ -212,10 +214,10 @@ def measure_cases(cases: list[Case], shape: Shape, device: str = "cpu") -> list[
 
 
 def run_cases(cases: list[Case], shape: Shape) -> list[LayerMemory]:
-    """Measure every case on a pool of gloo ranks (as many as the largest TP); rank 0's counts."""
+    """Measure every case on a pool of gloo ranks (as many as the largest TP x EP); rank 0's counts."""
     from megalite.testing import run_distributed
 
-    world = max(c.tp for c in cases)
+    world = max(c.tp * c.ep for c in cases)
     return run_distributed(world, measure_cases, cases, shape)[0]
 
 
