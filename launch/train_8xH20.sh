@@ -21,7 +21,7 @@ MODEL_ARGS=(
 TRAIN_ARGS=(
     --bf16 --micro-batch-size 1 --global-batch-size 64 --train-iters 20000
     --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 500 --weight-decay 0.1 --clip-grad 1.0
-    --log-interval 1 --eval-interval 1000 --eval-iters 10 --save-interval 500
+    --log-interval 1 --eval-interval 1000 --eval-iters 10
     --recompute-granularity selective --overlap-grad-reduce
 )
 DATA_ARGS=()
@@ -29,7 +29,7 @@ DATA_ARGS=()
 [[ -n "${TOKENIZER_MODEL:-}" ]] && DATA_ARGS+=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
 CKPT_ARGS=()
 [[ -n "${LOAD_CHECKPOINT_DIR:-}" ]] && CKPT_ARGS+=(--load "$LOAD_CHECKPOINT_DIR")
-[[ -n "${SAVE_CHECKPOINT_DIR:-}" ]] && CKPT_ARGS+=(--save "$SAVE_CHECKPOINT_DIR")
+[[ -n "${SAVE_CHECKPOINT_DIR:-}" ]] && CKPT_ARGS+=(--save "$SAVE_CHECKPOINT_DIR" --save-interval 500)
 
 exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${GPUS_PER_NODE:-$NPROC}" \
     --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-29500}" \

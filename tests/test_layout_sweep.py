@@ -1,7 +1,8 @@
 """Every parallel dimension at once: a fixed matrix of 5D layouts at world size 8 and a seeded random sweep over
 all valid layouts (dense and MoE, with SP, every pipeline schedule, both CP communication types, with and without
-the distributed optimizer), each against the single-process run (same losses, same parameters after 3 AdamW
-steps).
+the distributed optimizer), each with a random set of features on top (recomputation, overlapped gradient
+reduction, untied embeddings, router variants), against the single-process run (same losses, same parameters
+after 3 AdamW steps).
 
 The sweep draws `MEGALITE_SWEEP_CASES` layouts (default 4) with `MEGALITE_SWEEP_SEED` (default 0); run it with
 other seeds and more cases to explore further, e.g. `MEGALITE_SWEEP_SEED=7 MEGALITE_SWEEP_CASES=40 pytest
@@ -103,10 +104,29 @@ def test_five_dimensional_layout_matches_single_process(name, world_of_one):
     assert_matches_single_process(WORLD, argv, micro_batch_size=mbs)
 
 
+FEATURES = {
+    # name in the test id: (flags, MoE only)
+    "selective": (["--recompute-granularity", "selective"], False),
+    "full": (["--recompute-granularity", "full"], False),
+    "overlap": (["--overlap-grad-reduce"], False),
+    "untied": (["--untie-embeddings-and-output-weights"], False),
+    "bias": (["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01"], True),
+    "sigmoid": (["--moe-router-score-function", "sigmoid"], True),
+}
+
+
 def sweep_cases() -> list[tuple[str, list[str], int]]:
+    """Random layouts, each with a random set of model and training features on top."""
     layouts = all_layouts()
     rng = random.Random(int(os.environ.get("MEGALITE_SWEEP_SEED", "0")))
-    return rng.sample(layouts, min(len(layouts), int(os.environ.get("MEGALITE_SWEEP_CASES", "4"))))
+    cases = []
+    for name, argv, mbs in rng.sample(layouts, min(len(layouts), int(os.environ.get("MEGALITE_SWEEP_CASES", "4")))):
+        picked = [f for f, (_, moe_only) in FEATURES.items() if rng.random() < 0.3 and ("_moe_" in name or not moe_only)]
+        if "selective" in picked and "full" in picked:
+            picked.remove("full")
+        extra = [flag for f in picked for flag in FEATURES[f][0]]
+        cases.append(("_".join([name, *picked]), argv + extra, mbs))
+    return cases
 
 
 def test_the_sweep_draws_from_many_valid_layouts():
