@@ -57,7 +57,9 @@ class _LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, sp_group):
         ctx.sp_group = sp_group
         ctx.has_bias = bias is not None
-        ctx.bias_param = bias
+        # the parameters themselves, for the deferred W pass: under activation checkpointing, saved tensors come
+        # back as detached copies, and a gradient accumulated into one would be lost
+        ctx.weight_param, ctx.bias_param = weight, bias
         ctx.save_for_backward(x, weight)
         total = mappings._gather(x, 0, sp_group) if sp_group is not None else x
         return F.linear(total, weight, bias)
@@ -77,15 +79,15 @@ class _LinearFunction(torch.autograd.Function):
             grad_bias = g2.sum(0) if ctx.has_bias else None
             return grad_weight, grad_bias
 
-        if _WEIGHT_GRAD_QUEUE is None or not weight.requires_grad:
-            grad_weight, grad_bias = weight_grads() if weight.requires_grad else (None, None)
+        weight_param, bias_param = ctx.weight_param, ctx.bias_param
+        if _WEIGHT_GRAD_QUEUE is None or not weight_param.requires_grad:
+            grad_weight, grad_bias = weight_grads() if weight_param.requires_grad else (None, None)
             return grad_input, grad_weight, grad_bias, None
-        bias_param = ctx.bias_param
 
         @torch.no_grad()
         def deferred() -> None:
             grad_weight, grad_bias = weight_grads()
-            _accumulate(weight, grad_weight)
+            _accumulate(weight_param, grad_weight)
             if grad_bias is not None:
                 _accumulate(bias_param, grad_bias)
 

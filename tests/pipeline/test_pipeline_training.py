@@ -32,6 +32,13 @@ CASES = {
                                 "--sequence-parallel", "--micro-batch-size", "1", *SCHEDULES["zb-v"]]),
     "pp2_tp2_sp_dp2_interleaved": (8, ["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
                                        "--sequence-parallel", "--micro-batch-size", "1", *SCHEDULES["interleaved"]]),
+    # split backward under recomputation: the W pass must reach the parameters, not checkpointing's detached
+    # copies of them (found by the layout sweep: every layer weight lost its gradient)
+    "pp2_zb-h1_full_recompute": (2, ["--pipeline-model-parallel-size", "2", "--micro-batch-size", "2",
+                                     "--recompute-granularity", "full", *SCHEDULES["zb-h1"]]),
+    "pp2_zb-v_tp2_sp_selective_recompute": (4, ["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size",
+                                                "2", "--sequence-parallel", "--micro-batch-size", "1",
+                                                "--recompute-granularity", "selective", *SCHEDULES["zb-v"]]),
 }
 
 

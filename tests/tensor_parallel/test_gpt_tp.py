@@ -9,7 +9,7 @@ from megalite import parallel_state as ps
 from megalite.config import ModelConfig
 from megalite.models.gpt import GPTModel
 from megalite.optim.ddp import GradReducer
-from megalite.tensor_parallel import gather_full, get_spec, model_parallel_seed
+from megalite.tensor_parallel import defer_weight_grads, gather_full, get_spec, model_parallel_seed
 from megalite.testing import run_distributed
 
 VOCAB, SEQ, BATCH, SEED = 128, 8, 2, 7
@@ -28,8 +28,10 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:], mask
 
 
-def loss_and_grads(cfg: ModelConfig, tp: int, sp: bool, **model_kwargs) -> tuple[float, dict[str, torch.Tensor]]:
-    """Run one forward/backward on this rank's model; return the loss and every full (gathered) gradient."""
+def loss_and_grads(cfg: ModelConfig, tp: int, sp: bool, split_backward: bool = False,
+                   **model_kwargs) -> tuple[float, dict[str, torch.Tensor]]:
+    """Run one forward/backward on this rank's model (with `split_backward`, the weight gradients deferred to a W
+    pass afterwards, as zero-bubble schedules do); return the loss and every full (gathered) gradient."""
     groups = ps.initialize_model_parallel(tp=tp)
     model_parallel_seed(SEED, groups.rank("tp"))
     model = GPTModel(cfg, groups, vocab_size=VOCAB, sequence_parallel=sp, **model_kwargs)
@@ -38,7 +40,13 @@ def loss_and_grads(cfg: ModelConfig, tp: int, sp: bool, **model_kwargs) -> tuple
     tokens, labels, mask = batch()
     losses = model(tokens, labels=labels)
     loss = (losses * mask).sum() / mask.sum()
-    loss.backward()
+    if split_backward:
+        with defer_weight_grads() as weight_work:
+            loss.backward()
+        for work in weight_work:
+            work()
+    else:
+        loss.backward()
     reducer.finish()
     grads = {n: gather_full(p.main_grad, get_spec(p), groups.tp) for n, p in model.named_parameters()}
     ps.destroy_model_parallel()
@@ -83,3 +91,18 @@ def test_full_and_selective_recompute_give_the_same_loss_and_gradients_with_drop
             assert other[rank][0] == plain[rank][0]
             for name, g in plain[rank][1].items():
                 assert torch.equal(other[rank][1][name], g), name
+
+
+def _split_and_plain_backward(granularity):
+    cfg = model_config(gqa=True, tied=True, recompute_granularity=granularity, hidden_dropout=0.1)
+    return loss_and_grads(cfg, 2, True), loss_and_grads(cfg, 2, True, split_backward=True)
+
+
+@pytest.mark.parametrize("granularity", [None, "full", "selective"])
+def test_split_backward_gives_the_same_gradients_with_and_without_recompute(granularity):
+    """The zero-bubble W pass must reach the parameters themselves: under recomputation autograd hands the
+    backward detached copies of the saved weights (a gradient accumulated into one would be lost)."""
+    for (loss, grads), (split_loss, split_grads) in run_distributed(2, _split_and_plain_backward, granularity):
+        assert split_loss == loss
+        for name, g in grads.items():
+            assert torch.equal(split_grads[name], g), name
