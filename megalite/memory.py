@@ -38,10 +38,10 @@ def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp
     """Bytes one transformer layer keeps for backward on one rank, item by item as megalite's layer saves them
     with a fused attention kernel (SDPA, flash-attn, TE, or ring attention: no s x s matrix is kept).
 
-    `seq` is the sequence on this rank (after CP). Outside the tensor-parallel region (the two norms' and the two
-    first linears' inputs, the two dropout masks) tokens are split by sequence parallelism; inside it (Q, K, V, the
-    attention output that is also the projection's input, the log-sum-exp, the MLP's inner activations) the widths
-    are split by TP. Device-dependent widths: dropout keeps a bool mask on CUDA and a noise tensor of the
+    `seq` is the sequence on this rank (after CP). Outside the tensor-parallel region (the inputs of the two norms,
+    of the QKV linear and of the MLP, the two dropout masks) tokens are split by sequence parallelism; inside it
+    (Q, K, V, the attention output that is also the projection's input, the log-sum-exp, the MLP's inner
+    activations) the widths are split by TP. Device-dependent widths: dropout keeps a bool mask on CUDA and a noise tensor of the
     activation dtype on CPU; LayerNorm keeps its per-token mean and 1/std in float32 on CUDA and in the activation
     dtype on CPU; megalite's RMSNorm keeps one float32 per token. With `moe` the MLP is the MoE layer
     (`moe_layer_bytes`). Checked to the byte against the saved-tensor count of `megalite bench memory` on CPU
