@@ -221,6 +221,9 @@ class DataConfig:
     """Directory for cached dataset indices; defaults to beside the data."""
     eod_mask_loss: bool = False
     """Do not compute loss on end-of-document tokens."""
+    reset_position_ids: bool = False
+    """Restart the position ids after every end-of-document token, so rotary positions count from each document's
+    start."""
 
 
 @dataclass

@@ -190,10 +190,12 @@ def microbatches(dataset, consumed: int, run: Run) -> list[Batch]:
     for j in range(run.derived.num_microbatches):
         start = consumed + (j * dp + dp_rank) * t.micro_batch_size
         samples = [dataset[i] for i in range(start, start + t.micro_batch_size)]
-        batch = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
+        # positions per sample only when they restart inside it; otherwise 0..s-1 for every row
+        keys = ("tokens", "labels", "loss_mask") + (("position_ids",) if run.config.data.reset_position_ids else ())
+        batch = {k: torch.stack([s[k] for s in samples]) for k in keys}
         if cp > 1:
             batch = {k: zigzag_shard(v, 1, cp_rank, cp) for k, v in batch.items()}
-            batch["position_ids"] = zigzag_positions(run.config.model.seq_length, cp_rank, cp).unsqueeze(0)
+            batch.setdefault("position_ids", zigzag_positions(run.config.model.seq_length, cp_rank, cp).unsqueeze(0))
         out.append({k: v.to(run.device) for k, v in batch.items()})
     return out
 

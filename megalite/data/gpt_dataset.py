@@ -173,19 +173,30 @@ def cached_gpt_indices(
     return indices, False
 
 
+def document_position_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Positions [s] that restart at 0 on the token after each end-of-document token (the EOD itself ends its
+    document), as Megatron-LM's --reset-position-ids numbers them."""
+    starts = torch.zeros_like(tokens)
+    starts[1:] = tokens[:-1] == eod  # a document starts after each EOD
+    index = torch.arange(tokens.numel(), dtype=torch.int64)
+    first = torch.cummax(torch.where(starts.bool(), index, torch.zeros_like(index)), dim=0).values
+    return index - first
+
+
 class GPTDataset(torch.utils.data.Dataset):
     """Samples of `seq_length` tokens from documents [begin, end) of `source`.
 
     `ds[i]` is a dict of tensors: `tokens` and `labels` (int64, labels = tokens shifted by one), `loss_mask`
     (float32; 0 where the input token is end-of-document when `eod_mask_loss`, as Megatron-LM masks it) and
-    `position_ids` (int64, 0..seq_length-1).
+    `position_ids` (int64: 0..seq_length-1, or restarting after each EOD with `reset_position_ids`).
     """
 
     def __init__(self, source: TokenSource, indices: tuple[np.ndarray, np.ndarray, np.ndarray], seq_length: int,
-                 eod: int, eod_mask_loss: bool, from_cache: bool = False):
+                 eod: int, eod_mask_loss: bool, from_cache: bool = False, reset_position_ids: bool = False):
         self.source = source
         self.document_index, self.sample_index, self.shuffle_index = indices
         self.seq_length, self.eod, self.eod_mask_loss = seq_length, eod, eod_mask_loss
+        self.reset_position_ids = reset_position_ids
         self.from_cache = from_cache  # whether the indices were loaded from the cache rather than built
 
     def __len__(self) -> int:
@@ -214,7 +225,8 @@ class GPTDataset(torch.utils.data.Dataset):
             "tokens": tokens,
             "labels": labels,
             "loss_mask": loss_mask,
-            "position_ids": torch.arange(self.seq_length, dtype=torch.int64),
+            "position_ids": document_position_ids(tokens, self.eod) if self.reset_position_ids
+            else torch.arange(self.seq_length, dtype=torch.int64),
         }
 
 
@@ -315,7 +327,7 @@ def _build_split(config: MegaliteConfig, tokenizer: Tokenizer, sources: list[Sou
             functools.partial(build_gpt_indices, source.sequence_lengths, begin, end, wanted, seq_length, seed),
         )
         parts.append((weight, GPTDataset(source, indices, seq_length, tokenizer.eod, config.data.eod_mask_loss,
-                                         from_cache)))
+                                         from_cache, config.data.reset_position_ids)))
     if not parts:
         print(f"megalite.data: the {SPLITS[split_id]} split is empty (--split {config.data.split}); none built.",
               file=sys.stderr)

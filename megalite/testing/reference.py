@@ -7,16 +7,22 @@ import torch.distributed as dist
 
 from megalite import parallel_state as ps
 from megalite.arguments import parse_args, resolve
+from megalite.data.gpt_dataset import document_position_ids
 from megalite.distributed import init_distributed
 from megalite.tensor_parallel import gather_full, get_spec
 from megalite.training import forward_backward, microbatches, optimizer_step, setup
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
-    """Sample i: random tokens and a loss mask with some zeros, drawn from (seed, i) alone."""
+    """Sample i: random tokens and a loss mask with some zeros, drawn from (seed, i) alone. With `documents`, about
+    one token in ten becomes the end-of-document token 0, and `position_ids` restart after it (as
+    --reset-position-ids numbers them)."""
 
-    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int = 0):
+    EOD = 0
+
+    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int = 0, documents: bool = False):
         self.vocab_size, self.seq_length, self.num_samples, self.seed = vocab_size, seq_length, num_samples, seed
+        self.documents = documents
 
     def __len__(self) -> int:
         return self.num_samples
@@ -25,7 +31,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         tokens = torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=g)
         mask = (torch.rand(self.seq_length, generator=g) > 0.15).float()
-        return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": mask}
+        if self.documents:
+            tokens[torch.rand(self.seq_length + 1, generator=g) < 0.1] = self.EOD
+        return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": mask,
+                "position_ids": document_position_ids(tokens[:-1], self.EOD)}
 
 
 def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None) -> dict:
@@ -34,7 +43,8 @@ def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None) 
     init_distributed("gloo")
     config, derived = resolve(parse_args(argv), dist.get_world_size())
     run = setup(config, derived)
-    dataset = SyntheticDataset(config.model.vocab_size, config.model.seq_length, steps * derived.global_batch_size)
+    dataset = SyntheticDataset(config.model.vocab_size, config.model.seq_length, steps * derived.global_batch_size,
+                               documents=config.data.reset_position_ids)
     losses = []
     for step in range(steps):
         run.reducer.zero_grad()

@@ -8,7 +8,13 @@ import torch
 from megalite import parallel_state as ps
 from megalite.arguments import parse_args, resolve
 from megalite.testing import run_distributed
-from megalite.testing.reference import SyntheticDataset, assert_matches_single_process, reference_argv
+from megalite.testing.reference import (
+    SyntheticDataset,
+    assert_matches_single_process,
+    reference_argv,
+    relative_error,
+    train_and_collect,
+)
 from megalite.training import forward_backward, microbatches, setup
 
 MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
@@ -26,6 +32,15 @@ CASES = {
                        "--micro-batch-size", "2"]),
     "cp2_pp2": (4, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                     "--micro-batch-size", "1"]),
+    # positions restart after each end-of-document token: each rank's zigzag chunks carry their true positions.
+    # eps 1e-4 (later flag wins): measured worst parameter error 4.2e-5 at eps 1e-6, 7.2e-7 at 1e-4, so Adam's
+    # amplification of summation-order noise, not the positions (positions left at 0..s-1 move a weight by 0.24
+    # after one step: test_reset_position_ids_changes_what_the_model_computes)
+    "cp2_tp2_sp_reset_position_ids": (4, ["--context-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                                          "--sequence-parallel", "--micro-batch-size", "2", "--reset-position-ids",
+                                          "--adam-eps", "1e-4"]),
+    "cp2_pp2_reset_position_ids": (4, ["--context-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                                       "--micro-batch-size", "1", "--reset-position-ids", "--adam-eps", "1e-4"]),
 }
 
 
@@ -34,6 +49,24 @@ CASES = {
 def test_context_parallel_matches_single_process(name, world_of_one):
     world, flags = CASES[name]
     assert_matches_single_process(world, MODEL + flags)
+
+
+def test_reset_position_ids_changes_what_the_model_computes(world_of_one, monkeypatch):
+    """The reset positions reach the model: on the same documents, the parameters after a step differ with and
+    without the flag."""
+    import megalite.testing.reference as reference
+
+    flags = MODEL + ["--micro-batch-size", "4"]
+    reset = train_and_collect(flags + ["--reset-position-ids"], steps=1)["params"]
+
+    class Documents(SyntheticDataset):  # the same tokens, positions left 0..s-1 by the training loop
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "documents": True})
+
+    monkeypatch.setattr(reference, "SyntheticDataset", Documents)
+    plain = train_and_collect(flags, steps=1)["params"]
+    # measured: 0.24 after one step
+    assert relative_error(reset["layers.0.attention.qkv.weight"], plain["layers.0.attention.qkv.weight"]) > 1e-2
 
 
 class MaskedForRankOne(SyntheticDataset):

@@ -8,7 +8,7 @@ import torch
 from megalite.config import DataConfig, MegaliteConfig, ModelConfig, TrainingConfig
 from megalite.data import BlendedDataset, GPTDataset, IndexedDataset, IndexedDatasetBuilder, build_gpt_datasets
 from megalite.data import samples_per_epoch
-from megalite.data.gpt_dataset import build_gpt_indices, parse_split, split_ranges
+from megalite.data.gpt_dataset import build_gpt_indices, document_position_ids, parse_split, split_ranges
 from megalite.data.tokenizers import ByteTokenizer
 
 EOD = ByteTokenizer.eod
@@ -87,6 +87,22 @@ def test_eod_mask_loss_masks_positions_whose_input_is_eod(corpus, tmp_path):
         assert torch.equal(s["loss_mask"] == 0, s["tokens"] == EOD)
         masked += int((s["loss_mask"] == 0).sum())
     assert masked > 0
+
+
+def test_reset_position_ids_restart_after_each_eod_as_megatron_numbers_them(corpus, tmp_path):
+    assert document_position_ids(torch.tensor([5, 7, EOD, 3, 4, EOD, EOD, 9]), EOD).tolist() == [0, 1, 2, 0, 1, 2,
+                                                                                                 0, 0]
+    prefix, _ = corpus
+    config = make_config([prefix], tmp_path / "c", 16, reset_position_ids=True)
+    (train, _, _) = build_gpt_datasets(config, ByteTokenizer(), (50, 0, 0))
+    restarts = 0
+    for i in range(len(train)):
+        s = train[i]
+        tokens, positions = s["tokens"].tolist(), s["position_ids"].tolist()
+        for j in range(1, 16):  # Megatron's loop: after an EOD at j - 1, count again from 0
+            assert positions[j] == (0 if tokens[j - 1] == EOD else positions[j - 1] + 1)
+        restarts += sum(p == 0 for p in positions[1:])
+    assert restarts > 0
 
 
 def test_same_seed_same_samples_and_other_seed_other_order(corpus, tmp_path):
