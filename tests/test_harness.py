@@ -27,6 +27,34 @@ def _rank_one_hangs():
     return dist.get_rank()
 
 
+def _fails_to_connect_once(marker):
+    """Rank 0 raises gloo's mesh-connect error the first time (a marker file records it), then works."""
+    if dist.get_rank() == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("Gloo connectFullMesh failed with [pair.cc:553] Connection closed by peer")
+    return _rank_and_sum()
+
+
+def _fails_once_otherwise(marker):
+    if dist.get_rank() == 0 and not os.path.exists(marker):
+        open(marker, "w").close()
+        raise ValueError("broken once on purpose")
+    return dist.get_rank()
+
+
+def _always_fails_to_connect():
+    raise RuntimeError("Gloo connectFullMesh failed with [pair.cc:553] Connection closed by peer")
+
+
+def test_a_gloo_mesh_connect_failure_runs_the_function_once_more_on_a_fresh_pool(tmp_path):
+    assert [r for r, *_ in run_distributed(2, _fails_to_connect_once, str(tmp_path / "failed"))] == [0, 1]
+    assert (tmp_path / "failed").exists()  # the first run did fail
+    with pytest.raises(DistributedTestError, match="connectFullMesh"):  # twice is reported
+        run_distributed(2, _always_fails_to_connect)
+    with pytest.raises(DistributedTestError, match="broken once on purpose"):  # other errors are not retried
+        run_distributed(2, _fails_once_otherwise, str(tmp_path / "other"))
+
+
 def test_results_come_back_in_rank_order_and_the_pool_is_reused():
     first = run_distributed(4, _rank_and_sum)
     assert [(r, s) for r, s, _ in first] == [(r, 6.0) for r in range(4)]

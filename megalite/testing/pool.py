@@ -8,6 +8,7 @@ each rank was stuck in). Workers die with their parent (PR_SET_PDEATHSIG and a w
 
 Ranks keep their model-parallel process groups between functions (`parallel_state.set_group_reuse`): a layout
 seen before costs no new gloo groups, which keeps thousands of group creations (and their TCP connects) out of a run.
+A function that fails only because gloo could not connect a new group's TCP mesh runs once more on a fresh pool.
 """
 from __future__ import annotations
 
@@ -212,9 +213,22 @@ def get_pool(world_size: int) -> RankPool:
     return pool
 
 
+GLOO_CONNECT_FAILURE = "Gloo connectFullMesh failed"
+"""gloo's message when the TCP mesh of a new process group cannot be connected: seen once in CI, inside
+`dist.new_group` on a pooled rank, never reproduced. It is the transport, not the code under test."""
+
+
 def run_distributed(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S,
                     **kwargs: Any) -> list:
-    """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; return every rank's result in rank order."""
+    """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; return every rank's result in rank order.
+
+    If a rank fails only because gloo could not connect a new group's mesh, `fn` runs once more on a fresh pool
+    (the failed pool is gone); any other failure, or the same one twice, is reported."""
+    try:
+        return get_pool(world_size).run(fn, *args, timeout=timeout, **kwargs)
+    except DistributedTestError as e:
+        if GLOO_CONNECT_FAILURE not in str(e):
+            raise
     return get_pool(world_size).run(fn, *args, timeout=timeout, **kwargs)
 
 
