@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megalite.config import SECTIONS, MegaliteConfig, field_docs
-from megalite.validation import ConfigError, fill_defaults, flag_name, split_weights, validate
+from megalite.validation import ConfigError, Defaults, flag_name, split_weights, validate
 
 __all__ = ["ConfigError", "Derived", "build_parser", "config_from_namespace", "derive_train_length_from_epochs",
            "parse_args", "resolve", "to_argv", "weighted_data_paths"]
@@ -61,9 +61,9 @@ def build_parser(prog: str = "megalite train") -> argparse.ArgumentParser:
         group = parser.add_argument_group(section, cls.__doc__)
         hints = typing.get_type_hints(cls)
         docs = field_docs(cls)
-        defaults = cls()
+        default = cls()
         for f in dataclasses.fields(cls):
-            _add_field(group, f.name, hints[f.name], docs[f.name], getattr(defaults, f.name))
+            _add_field(group, f.name, hints[f.name], docs[f.name], getattr(default, f.name))
     return parser
 
 
@@ -109,18 +109,10 @@ def to_argv(config: MegaliteConfig) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Derived:
-    """Values that follow from the flags and the world size."""
+class Derived(Defaults):
+    """Values that follow from the flags and the world size: the `Defaults` the rules were checked with, and the
+    pipeline and training-length values."""
 
-    world_size: int
-    data_parallel_size: int
-    expert_tensor_parallel_size: int
-    expert_data_parallel_size: int
-    num_query_groups: int
-    ffn_hidden_size: int
-    moe_ffn_hidden_size: int | None
-    global_batch_size: int
-    num_microbatches: int
     virtual_pipeline_size: int
     train_iters: int | None
     train_samples: int | None
@@ -149,10 +141,9 @@ class Derived:
 
 def resolve(c: MegaliteConfig, world_size: int) -> tuple[MegaliteConfig, Derived]:
     """Validate `c` for `world_size` ranks, then return it with defaults filled in, and the derived values."""
-    validate(c, world_size)
+    d = validate(c, world_size)
     p, m, t = c.parallel, c.model, c.training
-    dp, etp, edp, groups, ffn, moe_ffn = fill_defaults(c, world_size)
-    gbs = t.global_batch_size or t.micro_batch_size * dp
+    gbs = d.global_batch_size
     vpp = 1
     if p.num_layers_per_virtual_pipeline_stage:
         vpp = m.num_layers // (p.pipeline_model_parallel_size * p.num_layers_per_virtual_pipeline_stage)
@@ -169,25 +160,13 @@ def resolve(c: MegaliteConfig, world_size: int) -> tuple[MegaliteConfig, Derived
         iters = samples // gbs
 
     filled = MegaliteConfig(
-        parallel=dataclasses.replace(p, expert_tensor_parallel_size=etp),
-        model=dataclasses.replace(m, num_query_groups=groups, ffn_hidden_size=ffn, moe_ffn_hidden_size=moe_ffn),
+        parallel=dataclasses.replace(p, expert_tensor_parallel_size=d.expert_tensor_parallel_size),
+        model=dataclasses.replace(m, num_query_groups=d.num_query_groups, ffn_hidden_size=d.ffn_hidden_size,
+                                  moe_ffn_hidden_size=d.moe_ffn_hidden_size),
         training=dataclasses.replace(t, global_batch_size=gbs, train_iters=iters, train_samples=samples),
         data=c.data,
     )
-    derived = Derived(
-        world_size=world_size,
-        data_parallel_size=dp,
-        expert_tensor_parallel_size=etp,
-        expert_data_parallel_size=edp,
-        num_query_groups=groups,
-        ffn_hidden_size=ffn,
-        moe_ffn_hidden_size=moe_ffn,
-        global_batch_size=gbs,
-        num_microbatches=gbs // (t.micro_batch_size * dp),
-        virtual_pipeline_size=vpp,
-        train_iters=iters,
-        train_samples=samples,
-    )
+    derived = Derived(**dataclasses.asdict(d), virtual_pipeline_size=vpp, train_iters=iters, train_samples=samples)
     return filled, derived
 
 

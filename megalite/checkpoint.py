@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.arguments import ConfigError
-from megalite.tensor_parallel.random import get_rng_tracker
+from megalite.tensor_parallel.random import RNGTracker
 
 
 @dataclass
@@ -39,29 +39,31 @@ def _iter_dir(root: Path, iteration: int) -> Path:
     return root / f"iter_{iteration:07d}"
 
 
-def _rng_state() -> dict:
+def _rng_state(tracker: RNGTracker) -> dict:
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "tracker": get_rng_tracker().state_dict(),
+        "tracker": tracker.state_dict(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, tracker: RNGTracker) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    get_rng_tracker().load_state_dict(state["tracker"])
+    tracker.load_state_dict(state["tracker"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(root: str, state: TrainState, model: torch.nn.Module, optimizer, meta: dict) -> Path:
-    """Write this rank's shard; all ranks call it together. Returns the checkpoint directory."""
+def save_checkpoint(root: str, state: TrainState, model: torch.nn.Module, optimizer, rng: RNGTracker,
+                    meta: dict) -> Path:
+    """Write this rank's shard (with the model's dropout streams `rng`); all ranks call it together. Returns the
+    checkpoint directory."""
     rank = dist.get_rank()
     root_path = Path(root)
     final = _iter_dir(root_path, state.iteration)
@@ -75,7 +77,7 @@ def save_checkpoint(root: str, state: TrainState, model: torch.nn.Module, optimi
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "rng": _rng_state(),
+        "rng": _rng_state(rng),
         "state": dataclasses.asdict(state),
     }
     part = tmp / f"rank{rank:05d}.pt.partial"
@@ -115,9 +117,10 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def load_checkpoint(root: str, model: torch.nn.Module, optimizer, meta: dict, *, load_optim: bool = True,
-                    load_rng: bool = True, finetune: bool = False) -> TrainState:
-    """Restore this rank's shard of the newest complete checkpoint; refuse a different layout or model."""
+def load_checkpoint(root: str, model: torch.nn.Module, optimizer, rng: RNGTracker, meta: dict, *,
+                    load_optim: bool = True, load_rng: bool = True, finetune: bool = False) -> TrainState:
+    """Restore this rank's shard of the newest complete checkpoint (and the model's dropout streams into `rng`);
+    refuse a different layout or model."""
     iteration = latest_iteration(root)
     if iteration is None:
         raise ConfigError(f"--load {root}: no complete checkpoint there (no iter_* directory); check the path")
@@ -144,5 +147,5 @@ def load_checkpoint(root: str, model: torch.nn.Module, optimizer, meta: dict, *,
     else:
         optimizer.reload_from_model()
     if load_rng:
-        _set_rng_state(payload["rng"])
+        _set_rng_state(payload["rng"], rng)
     return TrainState(**payload["state"])

@@ -1,11 +1,12 @@
-"""The rank grid (a pure function), the process groups built from it, and top-level getters.
+"""The rank grid (a pure function) and the process groups built from it.
 
 Dense layers use the grid TP x CP x DP x PP, MoE layers the grid ETP x EP x EDP x PP over the same ranks. The order
 string has Megatron-Core's meaning: the leftmost dimension varies fastest, `ep` is skipped in the dense grid and `cp`
 in the expert grid, so a job moved from Megatron-LM lands on the same ranks.
 
-Layers never call the getters: they are given the groups they use (`ProcessGroups`). The getters exist for the
-top level (training loop, logging).
+`initialize_model_parallel` returns this rank's groups as a `ProcessGroups` record; whoever builds a model passes
+the record (or single groups from it) down. Nothing here remembers a layout: several layouts may exist in one
+process at once (a policy and a reference model), each destroyed with `destroy_model_parallel(groups)`.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def generate_rank_groups(
 class ProcessGroups:
     """This rank's process group of each kind, and that group's global ranks.
 
-    Layers are given the groups they use (e.g. `groups.tp`); nothing below the top level looks them up globally.
+    Layers are given the groups they use (e.g. `groups.tp`); nothing looks them up globally.
     """
 
     tp: dist.ProcessGroup
@@ -132,6 +133,8 @@ class ProcessGroups:
     """First and last pipeline stage (tied embeddings); None on the ranks in between."""
     ranks: dict[str, list[int]] = field(default_factory=dict)
     """Global ranks of each of this rank's groups, by kind."""
+    created: list[dist.ProcessGroup] = field(default_factory=list, repr=False)
+    """The groups made for this record, destroyed by `destroy_model_parallel`."""
 
     def size(self, kind: str) -> int:
         return len(self.ranks[kind])
@@ -140,28 +143,29 @@ class ProcessGroups:
         return self.ranks[kind].index(dist.get_rank())
 
 
-_GROUPS: ProcessGroups | None = None
-_CREATED: list[dist.ProcessGroup] = []
-_REUSABLE: dict[tuple[str, tuple[int, ...], datetime.timedelta], dist.ProcessGroup | None] | None = None
-"""Groups kept across `destroy_model_parallel` when group reuse is on, by (kind, members, timeout): the kind is in
-the key so that a group keeps the name it is reported under (`comm.group_name`). None when reuse is off."""
-
-
-def set_group_reuse(enabled: bool) -> None:
-    """Keep process groups alive across `destroy_model_parallel` and hand them out again to a later
-    `initialize_model_parallel` with the same members.
+class GroupCache:
+    """Process groups kept across `destroy_model_parallel` and handed out again to a later
+    `initialize_model_parallel` with the same (kind, members, timeout); the kind is in the key so that a group keeps
+    the name it is reported under (`comm.group_name`).
 
     For processes that build many layouts one after another (the test harness's pooled ranks): every gloo group
     costs a store round trip and a full-mesh TCP connect, and creating thousands of them is slow and exposes the
-    suite to rare connect failures. Must be set identically on all ranks, before any group is made."""
-    global _REUSABLE
-    if _GROUPS is not None:
-        raise RuntimeError("set_group_reuse() must be called while no model-parallel groups exist")
-    if not enabled and _REUSABLE:
-        for pg in _REUSABLE.values():
-            if pg is not None:
-                dist.destroy_process_group(pg)
-    _REUSABLE = {} if enabled else None
+    suite to rare connect failures. Set-up only: nothing on the training path reads it. Like torch's own registry of
+    groups it belongs to the process (`GROUP_CACHE`); it must be enabled identically on all ranks."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, tuple[int, ...], datetime.timedelta], dist.ProcessGroup | None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.groups is not None
+
+    def enable(self) -> None:
+        if self.groups is None:
+            self.groups = {}
+
+
+GROUP_CACHE = GroupCache()
 
 
 def default_backend() -> str:
@@ -181,162 +185,49 @@ def initialize_model_parallel(
 
     Must be called by all ranks with the same arguments. Groups with identical members are created once.
     """
-    global _GROUPS
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call megalite.distributed.init_distributed() first")
-    if _GROUPS is not None:
-        raise RuntimeError("model parallel groups already exist: call destroy_model_parallel() first")
     world, me = dist.get_world_size(), dist.get_rank()
     layout = generate_rank_groups(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, order=order)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     by_members: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+    created: list[dist.ProcessGroup] = []
     mine: dict[str, dist.ProcessGroup | None] = {}
     ranks: dict[str, list[int]] = {}
     for kind in GROUP_KINDS:
         for members in layout[kind]:
             key = tuple(members)
             if key not in by_members:
-                by_members[key] = _new_group(kind, key, timeout, member=me in members)
+                by_members[key] = _new_group(kind, key, timeout, me in members, created)
             if me in members:
                 mine[kind] = by_members[key]
                 ranks[kind] = list(members)
-    _GROUPS = ProcessGroups(
+    return ProcessGroups(
         **{k: mine[k] for k in GROUP_KINDS if k not in ("embedding", "expert_pp")},
         embedding=mine.get("embedding"),
         ranks=ranks,
+        created=created,
     )
-    return _GROUPS
 
 
-def _new_group(
-    kind: str, members: tuple[int, ...], timeout: datetime.timedelta, member: bool
-) -> dist.ProcessGroup | None:
+def _new_group(kind: str, members: tuple[int, ...], timeout: datetime.timedelta, member: bool,
+               created: list[dist.ProcessGroup]) -> dist.ProcessGroup | None:
     """A group of `members` (collective over all ranks: every rank calls this for every group, in the same order);
-    None on ranks outside it. Reuses a kept group when group reuse is on."""
-    if _REUSABLE is not None and (kind, members, timeout) in _REUSABLE:
-        return _REUSABLE[kind, members, timeout]
+    None on ranks outside it. Taken from the group cache when it is enabled; else appended to `created`."""
+    cache = GROUP_CACHE.groups
+    if cache is not None and (kind, members, timeout) in cache:
+        return cache[kind, members, timeout]
     pg = dist.new_group(list(members), timeout=timeout, group_desc=f"{kind}{list(members)}")
     mine = pg if member else None
-    if _REUSABLE is not None:
-        _REUSABLE[kind, members, timeout] = mine
+    if cache is not None:
+        cache[kind, members, timeout] = mine
     elif member:
-        _CREATED.append(pg)
+        created.append(pg)
     return mine
 
 
-def destroy_model_parallel() -> None:
-    """Destroy the groups made by `initialize_model_parallel` (the default group stays; with group reuse on, the
-    groups are kept for the next layout)."""
-    global _GROUPS
-    for pg in _CREATED:
+def destroy_model_parallel(groups: ProcessGroups) -> None:
+    """Destroy the groups `initialize_model_parallel` made for `groups` (none when the group cache kept them)."""
+    for pg in groups.created:
         dist.destroy_process_group(pg)
-    _CREATED.clear()
-    _GROUPS = None
-
-
-def model_parallel_is_initialized() -> bool:
-    return _GROUPS is not None
-
-
-def get_process_groups() -> ProcessGroups:
-    """This rank's groups (top-level convenience; layers are given their groups)."""
-    if _GROUPS is None:
-        raise RuntimeError("model parallel groups are not initialised: call initialize_model_parallel()")
-    return _GROUPS
-
-
-def get_group(kind: str) -> dist.ProcessGroup:
-    return getattr(get_process_groups(), kind)
-
-
-def get_size(kind: str) -> int:
-    return get_process_groups().size(kind)
-
-
-def get_rank(kind: str) -> int:
-    return get_process_groups().rank(kind)
-
-
-def get_tensor_model_parallel_group() -> dist.ProcessGroup:
-    return get_group("tp")
-
-
-def get_tensor_model_parallel_world_size() -> int:
-    return get_size("tp")
-
-
-def get_tensor_model_parallel_rank() -> int:
-    return get_rank("tp")
-
-
-def get_context_parallel_group() -> dist.ProcessGroup:
-    return get_group("cp")
-
-
-def get_context_parallel_world_size() -> int:
-    return get_size("cp")
-
-
-def get_context_parallel_rank() -> int:
-    return get_rank("cp")
-
-
-def get_pipeline_model_parallel_group() -> dist.ProcessGroup:
-    return get_group("pp")
-
-
-def get_pipeline_model_parallel_world_size() -> int:
-    return get_size("pp")
-
-
-def get_pipeline_model_parallel_rank() -> int:
-    return get_rank("pp")
-
-
-def get_data_parallel_group(with_context_parallel: bool = False) -> dist.ProcessGroup:
-    return get_group("dp_cp" if with_context_parallel else "dp")
-
-
-def get_data_parallel_world_size(with_context_parallel: bool = False) -> int:
-    return get_size("dp_cp" if with_context_parallel else "dp")
-
-
-def get_data_parallel_rank(with_context_parallel: bool = False) -> int:
-    return get_rank("dp_cp" if with_context_parallel else "dp")
-
-
-def get_expert_model_parallel_group() -> dist.ProcessGroup:
-    return get_group("ep")
-
-
-def get_expert_model_parallel_world_size() -> int:
-    return get_size("ep")
-
-
-def get_expert_model_parallel_rank() -> int:
-    return get_rank("ep")
-
-
-def get_expert_tensor_parallel_group() -> dist.ProcessGroup:
-    return get_group("etp")
-
-
-def get_expert_tensor_parallel_world_size() -> int:
-    return get_size("etp")
-
-
-def get_expert_tensor_parallel_rank() -> int:
-    return get_rank("etp")
-
-
-def get_expert_data_parallel_group() -> dist.ProcessGroup:
-    return get_group("edp")
-
-
-def get_expert_data_parallel_world_size() -> int:
-    return get_size("edp")
-
-
-def get_expert_data_parallel_rank() -> int:
-    return get_rank("edp")
-
+    groups.created.clear()

@@ -23,20 +23,28 @@ def stage_estimates(config: MegaliteConfig, world_size: int, device_type: str = 
     """(rank, estimate) for the first rank of every pipeline stage of `config` on `world_size` ranks."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from megalite.context import ModelContext
     from megalite.data.tokenizers import build_tokenizer
-    from megalite.training import build_chunks, pipeline_schedule, rank_memory_estimate, with_vocab_size
+    from megalite.engine.setup import (
+        build_chunks,
+        build_schedule_for,
+        dtype_of,
+        knobs_of,
+        rank_memory_estimate,
+        with_vocab_size,
+    )
 
     if dist.is_initialized():
         raise RuntimeError("plan memory needs a process without torch.distributed initialised")
     config, derived = resolve(config, world_size)
     if config.model.vocab_size is None:
         config = with_vocab_size(config, build_tokenizer(config.data).vocab_size)
-    p, t = config.parallel, config.training
+    p = config.parallel
     layout = ps.generate_rank_groups(world_size, tp=p.tensor_model_parallel_size, cp=p.context_parallel_size,
                                      pp=p.pipeline_model_parallel_size, ep=p.expert_model_parallel_size,
                                      etp=p.expert_tensor_parallel_size, order=p.rank_order)
-    dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
-    schedule = pipeline_schedule(config, derived)
+    dtype = dtype_of(config)
+    schedule = build_schedule_for(config, derived, derived.num_microbatches)
     out = []
     for rank in layout["pp"][0]:
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
@@ -44,10 +52,10 @@ def stage_estimates(config: MegaliteConfig, world_size: int, device_type: str = 
             groups = ps.initialize_model_parallel(
                 tp=p.tensor_model_parallel_size, cp=p.context_parallel_size, pp=p.pipeline_model_parallel_size,
                 ep=p.expert_model_parallel_size, etp=p.expert_tensor_parallel_size, order=p.rank_order)
-            chunks = build_chunks(config, groups, schedule, torch.device("meta"), dtype)
+            chunks = build_chunks(config, groups, ModelContext(knobs_of(config)), schedule, torch.device("meta"), dtype)
             out.append((rank, rank_memory_estimate(config, derived, chunks, schedule, groups, device_type)))
+            ps.destroy_model_parallel(groups)
         finally:
-            ps.destroy_model_parallel()
             dist.destroy_process_group()
     return out
 

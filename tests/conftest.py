@@ -18,5 +18,6 @@ def solo_groups(world_of_one):
     """Model-parallel groups of size one in the test process; destroyed after the test."""
     from megalite import parallel_state
 
-    yield parallel_state.initialize_model_parallel()
-    parallel_state.destroy_model_parallel()
+    groups = parallel_state.initialize_model_parallel()
+    yield groups
+    parallel_state.destroy_model_parallel(groups)

@@ -1,9 +1,12 @@
 """Flags -> config, derived values, and one test per validation rule."""
+import dataclasses
+
 import pytest
 
 from megalite import arguments, validation
 from megalite.arguments import ConfigError, parse_args, resolve, to_argv
 from megalite.cli import main as cli_main
+from megalite.validation import defaults
 
 # rule name -> (flags, world size, a phrase the message must contain)
 RULE_CASES = {
@@ -78,7 +81,7 @@ def test_rule_rejects_its_case_with_a_message_naming_the_flag(name):
     flags, world, phrase = RULE_CASES[name]
     config = parse_args(flags)
     rule = next(r for r in validation.RULES if r.__name__ == name)
-    message = rule(config, world)
+    message = rule(config, defaults(config, world))
     assert message is not None and phrase in message, message
     with pytest.raises(ConfigError, match=r"invalid configuration"):
         resolve(config, world)
@@ -87,7 +90,43 @@ def test_rule_rejects_its_case_with_a_message_naming_the_flag(name):
 @pytest.mark.parametrize("name", sorted(RULE_CASES))
 def test_rule_accepts_the_defaults(name):
     rule = next(r for r in validation.RULES if r.__name__ == name)
-    assert rule(parse_args([]), 1) is None
+    assert rule(parse_args([]), defaults(parse_args([]), 1)) is None
+
+
+@pytest.mark.parametrize("flags, world, expected", [
+    ([], 1, {"ffn_hidden_size": 512, "global_batch_size": 4, "moe_ffn_hidden_size": None}),
+    (["--tensor-model-parallel-size", "2", "--num-experts", "4", "--expert-model-parallel-size", "2"], 4,
+     {"data_parallel_size": 2, "expert_tensor_parallel_size": 2, "expert_data_parallel_size": 1,
+      "moe_ffn_hidden_size": 512}),
+    (["--swiglu", "--hidden-size", "96", "--num-attention-heads", "4", "--num-experts", "2"], 1,
+     {"ffn_hidden_size": 256, "moe_ffn_hidden_size": 256, "expert_tensor_parallel_size": 1}),
+    (["--micro-batch-size", "2", "--pipeline-model-parallel-size", "2", "--num-query-groups", "2"], 8,
+     {"data_parallel_size": 4, "global_batch_size": 8, "num_microbatches": 1, "num_query_groups": 2}),
+])
+def test_rules_and_resolve_share_the_defaults_computed_once(flags, world, expected, monkeypatch):
+    config = parse_args(flags)
+    computed, seen = [], []
+    monkeypatch.setattr(validation, "defaults", lambda c, w: computed.append(defaults(c, w)) or computed[-1])
+    monkeypatch.setattr(validation, "RULES", (*validation.RULES, lambda c, d: seen.append(d)))
+    filled, derived = resolve(config, world)
+    assert len(computed) == 1 and seen[0] is computed[0]
+    d = computed[0]
+    assert dataclasses.asdict(d).items() >= expected.items()
+    assert {f.name: getattr(derived, f.name) for f in dataclasses.fields(d)} == dataclasses.asdict(d)
+    assert filled.parallel.expert_tensor_parallel_size == d.expert_tensor_parallel_size
+    assert filled.model.num_query_groups == d.num_query_groups
+    assert filled.model.ffn_hidden_size == d.ffn_hidden_size
+    assert filled.model.moe_ffn_hidden_size == d.moe_ffn_hidden_size
+    assert filled.training.global_batch_size == d.global_batch_size
+
+
+def test_defaults_do_not_raise_on_invalid_sizes():
+    config = parse_args(["--tensor-model-parallel-size", "0", "--micro-batch-size", "0", "--num-attention-heads",
+                         "0", "--expert-model-parallel-size", "-1"])
+    d = defaults(config, 8)
+    assert d.num_microbatches == 0 and d.expert_tensor_parallel_size == 0
+    with pytest.raises(ConfigError, match="--tensor-model-parallel-size 0"):
+        resolve(config, 8)
 
 
 def test_launch_layout_derives_dp_edp_and_microbatches():

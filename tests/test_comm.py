@@ -19,7 +19,9 @@ def _ring_and_count():
         comm.wait_all(comm.batch_isend_irecv([(x, nxt)], [(got, prv)], groups.cp), groups.cp)
         out = torch.empty(2, 4)
         comm.all_gather_into_tensor(out, torch.ones(1, 4), groups.tp)
-    return got[0, 0].item(), dict(counter.bytes), comm.group_name(groups.tp)
+    name = comm.group_name(groups.tp)
+    ps.destroy_model_parallel(groups)
+    return got[0, 0].item(), dict(counter.bytes), name
 
 
 def test_counts_bytes_per_kind_and_group_and_p2p_reaches_the_ring_neighbour():

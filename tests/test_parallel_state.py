@@ -110,8 +110,8 @@ def _reachable_ranks_of_every_group():
         out = torch.zeros(size, dtype=torch.long)
         comm.all_gather_into_tensor(out, torch.tensor([dist.get_rank()]), pg)
         reached[kind] = out.tolist()
-    assert ps.get_tensor_model_parallel_world_size() == 2
-    assert ps.get_expert_model_parallel_world_size() == 4
+    assert groups.size("tp") == 2 and groups.size("ep") == 4
+    ps.destroy_model_parallel(groups)
     return reached
 
 
@@ -132,7 +132,7 @@ def _groups_across_two_layouts():
         out = torch.zeros(groups.size("tp"), dtype=torch.long)
         comm.all_gather_into_tensor(out, torch.tensor([dist.get_rank()]), groups.tp)
         seen.append((id(groups.tp), id(groups.dp), out.tolist()))
-        ps.destroy_model_parallel()
+        ps.destroy_model_parallel(groups)
     return seen
 
 

@@ -23,13 +23,13 @@ WORLD = 8
 def _real_estimate(argv):
     from megalite import parallel_state as ps
     from megalite.tensor_parallel.sharding import get_spec
-    from megalite.training import rank_memory_estimate, setup
+    from megalite.engine.setup import rank_memory_estimate, setup
 
     config, derived = resolve(parse_args(argv), dist.get_world_size())
     run = setup(config, derived)
-    estimate = rank_memory_estimate(config, derived, run.chunks, run.schedule, run.groups, "cpu")
+    estimate = rank_memory_estimate(config, derived, run.chunks, run.schedule(), run.groups, "cpu")
     groups = {get_spec(p).data_parallel_group for p in run.model.parameters()}
-    ps.destroy_model_parallel()
+    ps.destroy_model_parallel(run.groups)
     return estimate, groups
 
 

@@ -176,12 +176,14 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu
     saves in one forward pass. Needs torch.distributed initialised with a world size divisible by `case.tp`."""
     from megalite import parallel_state as ps
     from megalite.config import ModelConfig
+    from megalite.context import ModelContext, ParallelKnobs
     from megalite.models.gpt import GPTModel
-    from megalite.tensor_parallel import model_parallel_seed
+    from megalite.tensor_parallel import RNGTracker, vocab_parallel_cross_entropy
 
     groups = ps.initialize_model_parallel(tp=case.tp, ep=case.ep)
     try:
-        model_parallel_seed(seed, groups.rank("tp"), device=torch.device(device))
+        context = ModelContext(ParallelKnobs(sequence_parallel=case.sequence_parallel),
+                               RNGTracker.seeded(seed, groups.rank("tp"), device=torch.device(device)))
         cfg = ModelConfig(
             num_layers=1, hidden_size=shape.hidden_size, ffn_hidden_size=4 * shape.hidden_size,
             num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
@@ -193,7 +195,7 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu
             recompute_granularity="selective" if case.selective else None,
         )
         vocab = 64 * case.tp
-        model = GPTModel(cfg, groups, vocab_size=vocab, sequence_parallel=case.sequence_parallel)
+        model = GPTModel(cfg, groups, context, vocab_size=vocab)
         model.initialize(seed)
         model.to(device=device, dtype=torch.bfloat16).train()
         layer = next(iter(model.layers.values()))
@@ -201,11 +203,11 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu
         tokens = torch.randint(0, vocab, (shape.micro_batch_size, shape.seq_length),
                                generator=torch.Generator().manual_seed(seed)).to(device)
         with counter.active() as memory:
-            losses = model(tokens, labels=tokens)
+            losses = vocab_parallel_cross_entropy(model(tokens), tokens, groups.tp)
         del losses
         return memory
     finally:
-        ps.destroy_model_parallel()
+        ps.destroy_model_parallel(groups)
 
 
 def measure_cases(cases: list[Case], shape: Shape, device: str = "cpu") -> list[LayerMemory]:

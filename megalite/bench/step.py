@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from megalite.config import ModelConfig, TrainingConfig
 from megalite.parallel_state import ProcessGroups
+from megalite.tensor_parallel import vocab_parallel_cross_entropy
 
 
 # -------------------------------------------------------------------------------------------------- the plain GPT
@@ -161,6 +162,7 @@ class StepPair:
 
     def __init__(self, cfg: ModelConfig, groups: ProcessGroups, vocab_size: int, micro_batch_size: int,
                  seed: int = 1234):
+        from megalite.context import ModelContext
         from megalite.models.gpt import GPTModel
         from megalite.optim.ddp import GradReducer
         from megalite.optim.optimizer import MixedPrecisionAdamW
@@ -169,8 +171,8 @@ class StepPair:
             raise ValueError("the plain GPT is the TP=1 model")
         if cfg.untie_embeddings_and_output_weights or cfg.num_experts or cfg.recompute_granularity:
             raise ValueError("the plain GPT is dense, with a tied output layer and no recomputation")
-        self.cfg = cfg
-        self.model = GPTModel(cfg, groups, vocab_size=vocab_size)
+        self.cfg, self.groups = cfg, groups
+        self.model = GPTModel(cfg, groups, ModelContext(), vocab_size=vocab_size)
         self.model.initialize(seed)
         self.plain = PlainGPT(cfg, vocab_size)
         copy_weights(self.model, self.plain, cfg)
@@ -191,7 +193,7 @@ class StepPair:
     def megalite_forward_backward(self) -> float:
         """Zeroed gradients, then the mean loss's gradients in each parameter's `main_grad`; returns the loss."""
         self.reducer.zero_grad()
-        losses = self.model(self.tokens, labels=self.labels)
+        losses = vocab_parallel_cross_entropy(self.model(self.tokens), self.labels, self.groups.tp)
         loss = losses.sum() / losses.numel()
         loss.backward()
         self.reducer.finish()
@@ -288,11 +290,12 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     init_distributed("gloo")
     cfg = model_config(args)
-    pair = StepPair(cfg, ps.initialize_model_parallel(), args.vocab_size, args.micro_batch_size)
+    groups = ps.initialize_model_parallel()
+    pair = StepPair(cfg, groups, args.vocab_size, args.micro_batch_size)
     try:
         return report(pair, args)
     finally:
-        ps.destroy_model_parallel()
+        ps.destroy_model_parallel(groups)
 
 
 def report(pair: StepPair, args: argparse.Namespace) -> int:

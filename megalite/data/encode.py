@@ -1,9 +1,9 @@
-"""Text in, indexed dataset out: reading documents from files, tokenizing them on worker processes, writing
-the `.bin`/`.idx` pair, with a progress bar on stderr. Shared by `megalite preprocess` and the embedded corpus."""
+"""Records in, indexed dataset out: tokenizing the records of `megalite.data.documents` on worker processes,
+writing the `.bin`/`.idx` pair, with a progress bar on stderr. Shared by `megalite preprocess` and the embedded
+corpus."""
 from __future__ import annotations
 
 import collections
-import json
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -15,80 +15,17 @@ from typing import TextIO
 
 import numpy as np
 
+from megalite.data.documents import TEXT_DOCUMENTS, Record, is_json_lines, read_records
 from megalite.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path, token_dtype
 from megalite.data.tokenizers import HuggingFaceTokenizer, Tokenizer
 
-JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-"""Inputs with these suffixes are JSON lines (one object per line); any other file is plain text."""
+# TEXT_DOCUMENTS, Record, is_json_lines and read_records are re-exported: `megalite preprocess` and the corpus
+# import them from here.
+__all__ = ["TEXT_DOCUMENTS", "EncodeSummary", "ProgressBar", "Record", "encode_to_datasets", "is_json_lines",
+           "read_records"]
 
-TEXT_DOCUMENTS = ("file", "line", "paragraph")
-"""How plain text splits into documents: a whole file, each line, or blank-line separated blocks (in the last two,
-surrounding blank lines and trailing spaces are dropped; blank documents are skipped)."""
-
-Record = tuple[list[str], int]
-"""The texts of one input record (one per JSON key) and the input bytes it came from (for progress)."""
 Batch = tuple[list[list[str]], int]
 """The texts of several records and their input bytes."""
-
-
-def is_json_lines(path: str) -> bool:
-    return path.endswith(JSON_SUFFIXES)
-
-
-def _json_records(path: str, json_keys: Sequence[str]) -> Iterator[Record]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8", errors="replace"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not a JSON object ({e.msg}); JSON-lines input has one per line.")
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{number}: a JSON {type(obj).__name__}, expected an object.")
-            missing = [key for key in json_keys if key not in obj]
-            if missing:
-                raise ValueError(
-                    f"{path}:{number}: no key {missing[0]!r} (the object has {sorted(obj)[:8]}); "
-                    "name the text field with --json-keys."
-                )
-            yield [str(obj[key]) for key in json_keys], len(raw)
-
-
-def _text_block(lines: list[bytes]) -> Record:
-    text = b"".join(lines).decode("utf-8", errors="replace")
-    return [text.lstrip("\r\n").rstrip()], sum(map(len, lines))
-
-
-def _text_records(path: str, text_document: str) -> Iterator[Record]:
-    with open(path, "rb") as f:
-        if text_document == "file":
-            data = f.read()
-            yield [data.decode("utf-8", errors="replace")], len(data)
-            return
-        block: list[bytes] = []
-        for raw in f:
-            block.append(raw)
-            if text_document == "line" or not raw.strip():  # a line, or a paragraph ended by a blank line
-                yield _text_block(block)
-                block = []
-        if block:
-            yield _text_block(block)
-
-
-def read_records(path: str, json_keys: Sequence[str] = ("text",), text_document: str = "file") -> Iterator[Record]:
-    """The records of one input file: JSON lines by `json_keys`, plain text split as `text_document` says."""
-    if text_document not in TEXT_DOCUMENTS:
-        raise ValueError(f"--text-document {text_document!r}: use one of {', '.join(TEXT_DOCUMENTS)}.")
-    if is_json_lines(path):
-        return _json_records(path, json_keys)
-    return _text_records(path, text_document)
-
-
-def read_documents(path: str, json_keys: Sequence[str] = ("text",), text_document: str = "file") -> Iterator[str]:
-    """Every text of every record of `path`."""
-    for texts, _ in read_records(path, json_keys, text_document):
-        yield from texts
 
 
 class ProgressBar:

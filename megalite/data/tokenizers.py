@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from megalite.config import DataConfig
+from megalite.data.documents import read_documents
 
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[EOS]")
 """Special tokens taken as the end-of-document token of a Hugging Face tokenizer, first found wins."""
@@ -122,8 +123,6 @@ def train_bpe_tokenizer(
     (JSON lines by their `json_keys`, other files as plain text)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from megalite.data.encode import read_documents
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 1:

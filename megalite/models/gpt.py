@@ -1,14 +1,16 @@
 """The one GPT model: token embedding, pre-norm transformer layers with rotary grouped-query attention and a
-GeLU or SwiGLU MLP, final norm, output layer tied or untied to the embedding, per-token causal LM loss.
+GeLU, SwiGLU or MoE feed-forward block, final norm, output layer tied or untied to the embedding.
 
 Parallelism shows up only as the layer classes and the groups they are given: column/row-parallel linears (TP),
 sequence-parallel activations [s/t, b, h] between them (SP), ring attention over the CP group (CP), and a range of
-layers with or without the embedding and the head (PP). Activations are [s, b, h] inside the model.
+layers with or without the embedding and the head (PP). Activations are [s, b, h] inside the model. Every layer
+shares the model's `ModelContext` (parallel knobs, dropout streams, MoE aux-loss state, weight-gradient deferral).
+The last stage returns this rank's vocab-parallel logits; the loss is the step's business (`megalite.engine`).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +19,20 @@ from torch.utils.checkpoint import checkpoint
 from megalite.backends.attention import attention
 from megalite.backends.norms import build_norm
 from megalite.config import ModelConfig
+from megalite.context import ModelContext, ParallelKnobs
 from megalite.context_parallel import ring_attention
-from megalite.models.mlp import build_mlp, output_std
+from megalite.models.mlp import MLP, output_std
+from megalite.moe import MoELayer
 from megalite.parallel_state import ProcessGroups
 from megalite.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     ShardSpec,
     VocabParallelEmbedding,
-    get_rng_tracker,
     initialize_parameters,
-    vocab_parallel_cross_entropy,
 )
-from megalite.tensor_parallel.layers import column_parallel_linear
+from megalite.tensor_parallel.layers import column_parallel_linear, sequence_parallel
+from megalite.tensor_parallel.random import MODEL_RNG, TP_RNG
 from megalite.tensor_parallel.sharding import set_spec
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
@@ -50,67 +53,56 @@ def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _dropout(x: torch.Tensor, p: float, training: bool, split_over_tp: bool) -> torch.Tensor:
-    """Dropout drawing from the per-TP-rank generator when the tensor is split over the TP group."""
+def _dropout(x: torch.Tensor, p: float, training: bool, context: ModelContext, split_over_tp: bool) -> torch.Tensor:
+    """Dropout drawing from the model's per-TP-rank stream when the tensor is split over the TP group, else from its
+    stream shared by the TP group."""
     if p == 0.0 or not training:
         return x
-    if split_over_tp:
-        with get_rng_tracker().fork():
-            return F.dropout(x, p, True)
-    return F.dropout(x, p, True)
+    with context.rng.fork(TP_RNG if split_over_tp else MODEL_RNG):
+        return F.dropout(x, p, True)
 
 
-@contextlib.contextmanager
-def _replaying_tracker(states: dict[str, torch.Tensor]) -> Iterator[None]:
-    """During recomputation, draw from the tracker states the original forward started with."""
-    tracker = get_rng_tracker()
-    current = tracker.state_dict()
-    tracker.load_state_dict(states)
-    try:
-        yield
-    finally:
-        tracker.load_state_dict(current)
-
-
-def recompute(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
-    """Run `fn` without keeping its activations; backward recomputes it with the same random draws."""
-    states = get_rng_tracker().state_dict()
+def recompute(context: ModelContext, fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """Run `fn` without keeping its activations; backward recomputes it with the same random draws (and the context
+    marks the recomputation, so that side effects such as token counts are not repeated)."""
+    states = context.rng.state_dict()
     return checkpoint(
         fn, *args, use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), _replaying_tracker(states)),
+        context_fn=lambda: (contextlib.nullcontext(), context.replaying(states)),
     )
 
 
 class SelfAttention(torch.nn.Module):
     """Causal grouped-query self-attention; heads and key/value groups split over the TP group."""
 
-    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, *, sequence_parallel: bool, cp_comm_type: str,
-                 output_std: float):
+    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, context: ModelContext):
         super().__init__()
         tp = groups.size("tp")
+        self.context = context
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.num_groups = (cfg.num_query_groups or cfg.num_attention_heads) // tp
         self.heads_per_group = cfg.num_attention_heads // (cfg.num_query_groups or cfg.num_attention_heads)
         self.dropout_p, self.backend = cfg.attention_dropout, cfg.attention_backend
         self.selective_recompute = cfg.recompute_granularity == "selective"
-        self.cp_group, self.cp_ranks, self.cp_comm_type = groups.cp, groups.ranks["cp"], cp_comm_type
+        self.cp_group, self.cp_ranks = groups.cp, groups.ranks["cp"]
         bias = not cfg.disable_bias_linear
         # Per key/value group: the group's query heads, then its key, then its value (TP splits whole groups).
         qkv_out = (cfg.num_attention_heads + 2 * (cfg.num_query_groups or cfg.num_attention_heads)) * self.head_dim
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, groups.tp, bias=bias,
-                                        sequence_parallel=sequence_parallel, std=cfg.init_method_std)
-        self.proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, groups.tp, bias=bias,
-                                      sequence_parallel=sequence_parallel, std=output_std)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, groups.tp, context, bias=bias,
+                                        std=cfg.init_method_std)
+        self.proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, groups.tp, context,
+                                      bias=bias, std=output_std(cfg))
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of [b, h, s, d] tensors: ring attention over the CP group, else the back-end's kernel."""
-        if len(self.cp_ranks) > 1:
+        knobs = self.context.knobs
+        if len(self.cp_ranks) > 1 and knobs.context_parallel:
             return ring_attention(q, k, v, group=self.cp_group, group_ranks=self.cp_ranks, causal=True,
-                                  comm_type=self.cp_comm_type)
+                                  comm_type=knobs.cp_comm_type)
         p = self.dropout_p if self.training else 0.0
         if p == 0.0:
             return attention(q, k, v, causal=True, backend=self.backend)
-        with get_rng_tracker().fork():
+        with self.context.rng.fork(TP_RNG):
             return attention(q, k, v, causal=True, dropout_p=p, backend=self.backend)
 
     def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
@@ -125,26 +117,33 @@ class SelfAttention(torch.nn.Module):
         q, k, v = q.reshape(s, b, -1, self.head_dim), k.squeeze(3), v.squeeze(3).contiguous()
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        out = recompute(self.core, q, k, v) if self.selective_recompute else self.core(q, k, v)
+        out = recompute(self.context, self.core, q, k, v) if self.selective_recompute else self.core(q, k, v)
         return self.proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))
+
+
+def build_mlp(cfg: ModelConfig, groups: ProcessGroups, context: ModelContext, layer: int) -> torch.nn.Module:
+    """The feed-forward block of global layer `layer`: dense, or MoE on every --moe-layer-freq-th layer."""
+    if cfg.num_experts and layer % cfg.moe_layer_freq == 0:
+        return MoELayer(cfg, groups, context, layer)
+    return MLP(cfg, groups, context, output_std=output_std(cfg))
 
 
 class TransformerLayer(torch.nn.Module):
     """x + dropout(attention(norm(x))), then x + dropout(mlp(norm(x)))."""
 
-    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, mlp: torch.nn.Module, *, sequence_parallel: bool,
-                 cp_comm_type: str):
+    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, context: ModelContext, layer: int):
         super().__init__()
-        self.sequence_parallel = sequence_parallel and groups.size("tp") > 1
+        self.context, self.tp_group = context, groups.tp
         self.hidden_dropout = cfg.hidden_dropout
-        self.input_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, self.sequence_parallel)
-        self.attention = SelfAttention(cfg, groups, sequence_parallel=sequence_parallel, cp_comm_type=cp_comm_type,
-                                       output_std=output_std(cfg))
-        self.pre_mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, self.sequence_parallel)
-        self.mlp = mlp
+        split = sequence_parallel(context, groups.tp)  # as built: norm gradients are summed over TP
+        self.input_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, split)
+        self.attention = SelfAttention(cfg, groups, context)
+        self.pre_mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, split)
+        self.mlp = build_mlp(cfg, groups, context, layer)
 
     def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
-        drop = lambda t: _dropout(t, self.hidden_dropout, self.training, self.sequence_parallel)  # noqa: E731
+        split = sequence_parallel(self.context, self.tp_group)
+        drop = lambda t: _dropout(t, self.hidden_dropout, self.training, self.context, split)  # noqa: E731
         x = x + drop(self.attention(self.input_norm(x), rotary))
         return x + drop(self.mlp(self.pre_mlp_norm(x)))
 
@@ -153,40 +152,35 @@ class GPTModel(torch.nn.Module):
     """A GPT model, or the part of one a pipeline stage holds.
 
     `layer_ids` are the global indices of the layers held (default: all); `pre_process` adds the embedding and
-    `post_process` the final norm, output layer and loss. Parameter names use global layer indices, so the same
-    seed initialises the same model whatever the layout. `vocab_size` is the padded vocabulary.
+    `post_process` the final norm and output layer. Parameter names use global layer indices, so the same seed
+    initialises the same model whatever the layout. `vocab_size` is the padded vocabulary. `context` is shared by
+    every chunk of the model on this rank; its knobs at construction say how the model is laid out.
     """
 
     def __init__(
         self,
         cfg: ModelConfig,
         groups: ProcessGroups,
+        context: ModelContext,
         *,
         vocab_size: int,
-        sequence_parallel: bool = False,
-        cp_comm_type: str = "p2p",
         layer_ids: list[int] | None = None,
         pre_process: bool = True,
         post_process: bool = True,
     ):
         super().__init__()
-        self.cfg, self.groups = cfg, groups
+        self.cfg, self.groups, self.context = cfg, groups, context
         self.pre_process, self.post_process = pre_process, post_process
-        self.sequence_parallel = sequence_parallel and groups.size("tp") > 1
         self.tied = not cfg.untie_embeddings_and_output_weights
         self.full_recompute = cfg.recompute_granularity == "full"
         layer_ids = list(range(cfg.num_layers)) if layer_ids is None else layer_ids
         if pre_process or (post_process and self.tied):
-            self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, groups.tp,
-                                                    sequence_parallel=self.sequence_parallel,
+            self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, groups.tp, context,
                                                     std=cfg.init_method_std)
-        self.layers = torch.nn.ModuleDict({
-            str(i): TransformerLayer(cfg, groups, build_mlp(cfg, groups, i, self.sequence_parallel),
-                                     sequence_parallel=self.sequence_parallel, cp_comm_type=cp_comm_type)
-            for i in layer_ids
-        })
+        self.layers = torch.nn.ModuleDict({str(i): TransformerLayer(cfg, groups, context, i) for i in layer_ids})
         if post_process:
-            self.final_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, self.sequence_parallel)
+            self.final_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon,
+                                         sequence_parallel(context, groups.tp))
             if not self.tied:
                 spec = ShardSpec((vocab_size, cfg.hidden_size), dim=0, rank=groups.rank("tp"), size=groups.size("tp"),
                                  std=cfg.init_method_std)
@@ -200,32 +194,35 @@ class GPTModel(torch.nn.Module):
         self,
         tokens: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
+        knobs: ParallelKnobs | None = None,
     ) -> torch.Tensor:
-        """tokens/position_ids/labels [b, s] (this CP rank's shard). First stage: from `tokens`; other stages: from
-        `hidden` [s(/t), b, h]. Returns per-token fp32 losses [b, s] with `labels` on the last stage, logits
-        [b, s, v/t] without, and hidden states on the other stages."""
+        """tokens/position_ids [b, s] (this CP rank's shard). First stage: from `tokens`; other stages: from `hidden`
+        [s(/t), b, h]. Returns this rank's vocab-parallel logits [b, s, v/t] on the last stage, hidden states on the
+        others. `knobs` replaces the context's parallel knobs for this call."""
+        with self.context.using(knobs) if knobs is not None else contextlib.nullcontext():
+            return self._forward(tokens, position_ids, hidden)
+
+    def _forward(self, tokens: torch.Tensor | None, position_ids: torch.Tensor | None,
+                 hidden: torch.Tensor | None) -> torch.Tensor:
+        split = sequence_parallel(self.context, self.groups.tp)
         if self.pre_process:
             hidden = self.embedding(tokens.t())
-            hidden = _dropout(hidden, self.cfg.hidden_dropout, self.training, self.sequence_parallel)
+            hidden = _dropout(hidden, self.cfg.hidden_dropout, self.training, self.context, split)
         assert hidden is not None, "a stage without the embedding needs `hidden`"
         if position_ids is None:
-            s = tokens.shape[1] if tokens is not None else hidden.shape[0] * (self.groups.size("tp") if
-                                                                              self.sequence_parallel else 1)
+            s = tokens.shape[1] if tokens is not None else hidden.shape[0] * (self.groups.size("tp") if split else 1)
             position_ids = torch.arange(s, device=hidden.device).unsqueeze(0)
         head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
         rotary = rotary_cos_sin(position_ids, head_dim, self.cfg.rotary_base, hidden.dtype)
         for layer in self.layers.values():
             if self.full_recompute:
-                hidden = recompute(lambda h, cos, sin, layer=layer: layer(h, (cos, sin)), hidden, *rotary)
+                hidden = recompute(self.context, lambda h, cos, sin, layer=layer: layer(h, (cos, sin)), hidden,
+                                   *rotary)
             else:
                 hidden = layer(hidden, rotary)
         if not self.post_process:
             return hidden
         hidden = self.final_norm(hidden)
         weight = self.embedding.weight if self.tied else self.output_weight
-        logits = column_parallel_linear(hidden, weight, None, self.groups.tp, self.sequence_parallel)
-        if labels is None:
-            return logits.transpose(0, 1)
-        return vocab_parallel_cross_entropy(logits, labels.t(), self.groups.tp).t()
+        return column_parallel_linear(hidden, weight, None, self.groups.tp, self.context).transpose(0, 1)

@@ -1,34 +1,41 @@
-"""The all-to-all token dispatcher: (token, expert) pairs to the ranks holding the experts, and back.
+"""Token dispatchers: (token, expert) pairs to the ranks holding the experts, and the expert outputs back.
 
-dispatch:
-1. permute: the kept (token, expert) pairs sorted by global expert (experts are laid out contiguously over the EP
-   ranks, so this also groups them by destination rank); one row of the token per pair;
-2. counts first: the per-expert counts all-gathered over the EP group (E integers per rank), which gives every rank
-   both its send and its receive splits;
-3. tokens: the rows all-to-all'ed over the EP group with those uneven splits;
-4. with ETP > 1: the counts and then the rows all-gathered (unevenly) inside the ETP group, since every ETP rank holds
-   a slice of every local expert;
-5. the received rows sorted by local expert (they arrive as [ETP source][EP source][local expert] blocks).
-combine undoes 5, 4 (a reduce-scatter: the ETP ranks' partial outputs are summed), 3 and 1, returning one row per
-(token, expert) pair: [T, k, h], zero for dropped pairs. Nothing is kept on the dispatcher between the two calls
-(the state travels in `DispatchState`), so several microbatches may be in flight.
+`TokenDispatcher` fixes the phases, as Megatron-Core names them, so another dispatcher (or one that overlaps its
+communication with computation) replaces single phases:
+
+    dispatch = dispatch_preprocess -> token_dispatch -> dispatch_postprocess
+    combine  = combine_preprocess  -> token_combine  -> combine_postprocess   (the mirror image)
+
+`AllToAllDispatcher`:
+- dispatch_preprocess: the kept (token, expert) pairs sorted by global expert (experts are laid out contiguously over
+  the EP ranks, so this also groups them by destination rank), one row of the token per pair; then counts first: the
+  per-expert counts all-gathered over the EP group (E integers per rank), which gives every rank both its send and
+  its receive splits, and, with ETP > 1, over the ETP group;
+- token_dispatch: the rows all-to-all'ed over the EP group with those uneven splits, then (ETP > 1) all-gathered
+  unevenly inside the ETP group, since every ETP rank holds a slice of every local expert;
+- dispatch_postprocess: the received rows sorted by local expert (they arrive as [ETP source][EP source][local
+  expert] blocks).
+combine undoes these in reverse: the local-expert sort, the ETP gather (a reduce-scatter: the ETP ranks' partial
+outputs are summed) and the all-to-all, and the permutation, returning one row per (token, expert) pair: [T, k, h],
+zero for dropped pairs. Nothing is kept on the dispatcher between the calls (the state travels in `DispatchState`),
+so several microbatches may be in flight.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megalite import comm
-from megalite.moe.collectives import all_gather_rows, reduce_scatter_rows
+from megalite.moe.collectives import all_gather_rows, all_to_all, reduce_scatter_rows
 from megalite.parallel_state import ProcessGroups
-from megalite.tensor_parallel import mappings
 
 
 @dataclass
 class DispatchState:
-    """What `combine` needs to send a dispatch's rows back."""
+    """What the later phases of a dispatch, and its combine, need."""
 
     num_tokens: int
     topk: int
@@ -41,8 +48,52 @@ class DispatchState:
     """Rows received from each EP rank."""
     etp_sizes: list[int]
     """Rows received by each ETP rank (over EP)."""
-    unsort: torch.Tensor
-    """Permutation from local-expert order back to arrival order."""
+    arrivals: torch.Tensor
+    """Rows from each [ETP source, EP source, local expert] block, in arrival order."""
+    unsort: torch.Tensor | None = None
+    """Permutation from local-expert order back to arrival order (set by `dispatch_postprocess`)."""
+
+
+class TokenDispatcher(ABC):
+    """The phases of a token dispatcher (see the module docstring); `dispatch` and `combine` run them in order."""
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, list[int], DispatchState]:
+        """Tokens x [T, h] and their experts [T, k] (pairs with `keep` False stay home) -> the rows for this rank's
+        local experts [M, h], sorted by local expert, the rows per local expert, and the state for `combine`."""
+        rows, state = self.dispatch_preprocess(x, indices, keep)
+        rows = self.token_dispatch(rows, state)
+        rows, tokens_per_expert = self.dispatch_postprocess(rows, state)
+        return rows, tokens_per_expert, state
+
+    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Expert outputs [M, h] in `dispatch`'s order -> [T, k, h] per (token, expert) pair, zero where dropped."""
+        return self.combine_postprocess(self.token_combine(self.combine_preprocess(y, state), state), state)
+
+    @abstractmethod
+    def dispatch_preprocess(self, x: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, DispatchState]:
+        """Local work before communication: the rows to send, and the state (splits) of this dispatch."""
+
+    @abstractmethod
+    def token_dispatch(self, rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """The communication that brings every row to the ranks computing its expert."""
+
+    @abstractmethod
+    def dispatch_postprocess(self, rows: torch.Tensor, state: DispatchState) -> tuple[torch.Tensor, list[int]]:
+        """Local work after communication: rows grouped by local expert, and the count per local expert."""
+
+    @abstractmethod
+    def combine_preprocess(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Undo `dispatch_postprocess`: expert outputs back in arrival order."""
+
+    @abstractmethod
+    def token_combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Undo `token_dispatch`: every output row back to the rank of its token."""
+
+    @abstractmethod
+    def combine_postprocess(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """Undo `dispatch_preprocess`: one row per (token, expert) pair, [T, k, h]."""
 
 
 def _all_gather_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -55,7 +106,7 @@ def _all_gather_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.
     return out.view(n, *counts.shape)
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(TokenDispatcher):
     """Sends tokens to the local experts of the EP ranks (and the ETP ranks beside them), and the outputs back."""
 
     def __init__(self, num_experts: int, groups: ProcessGroups):
@@ -67,42 +118,46 @@ class AllToAllDispatcher:
         self.num_local = num_experts // self.ep_size
         self.first_local = dist.get_rank(groups.ep) * self.num_local
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, list[int], DispatchState]:
-        """Tokens x [T, h] and their experts [T, k] (pairs with `keep` False stay home) -> the rows for this rank's
-        local experts [M, h], sorted by local expert, the rows per local expert, and the state for `combine`."""
+    def dispatch_preprocess(self, x: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor | None
+                            ) -> tuple[torch.Tensor, DispatchState]:
         num_tokens, topk = indices.shape
         experts = indices.reshape(-1)
         pair_ids = torch.arange(experts.numel(), device=x.device)
         if keep is not None:
             pair_ids = pair_ids[keep.reshape(-1)]
         pair_ids = pair_ids[torch.argsort(experts[pair_ids], stable=True)]
-        rows = x[pair_ids // topk]
+        row_of_pair = torch.full_like(experts, pair_ids.numel())
+        row_of_pair[pair_ids] = torch.arange(pair_ids.numel(), device=x.device)
 
         counts = torch.bincount(experts[pair_ids], minlength=self.num_experts)
         local = slice(self.first_local, self.first_local + self.num_local)
         from_each_ep = _all_gather_counts(counts, self.ep_group)[:, local]
-        send_splits = counts.view(self.ep_size, self.num_local).sum(1).tolist()
-        recv_splits = from_each_ep.sum(1).tolist()
-        rows = mappings.all_to_all(rows, self.ep_group, recv_splits, send_splits)
+        arrivals = _all_gather_counts(from_each_ep.contiguous(), self.etp_group)  # [etp, ep, local experts]
+        state = DispatchState(
+            num_tokens, topk, row_of_pair, send_splits=counts.view(self.ep_size, self.num_local).sum(1).tolist(),
+            recv_splits=from_each_ep.sum(1).tolist(), etp_sizes=arrivals.sum((1, 2)).tolist(), arrivals=arrivals,
+        )
+        return x[pair_ids // topk], state
 
-        from_each = _all_gather_counts(from_each_ep.contiguous(), self.etp_group)  # [etp, ep, local experts]
-        etp_sizes = from_each.sum((1, 2)).tolist()
-        rows = all_gather_rows(rows, self.etp_group, etp_sizes)
+    def token_dispatch(self, rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        rows = all_to_all(rows, self.ep_group, state.recv_splits, state.send_splits)
+        return all_gather_rows(rows, self.etp_group, state.etp_sizes)
 
-        local_expert = torch.arange(self.num_local, device=x.device).repeat(from_each.shape[0] * self.ep_size)
-        sort = torch.argsort(torch.repeat_interleave(local_expert, from_each.reshape(-1)), stable=True)
-        row_of_pair = torch.full_like(experts, pair_ids.numel())
-        row_of_pair[pair_ids] = torch.arange(pair_ids.numel(), device=x.device)
-        state = DispatchState(num_tokens, topk, row_of_pair, send_splits, recv_splits, etp_sizes,
-                              torch.argsort(sort))
-        return rows[sort], from_each.sum((0, 1)).tolist(), state
+    def dispatch_postprocess(self, rows: torch.Tensor, state: DispatchState) -> tuple[torch.Tensor, list[int]]:
+        blocks = state.arrivals.reshape(-1)
+        local_expert = torch.arange(self.num_local, device=rows.device).repeat(blocks.numel() // self.num_local)
+        sort = torch.argsort(torch.repeat_interleave(local_expert, blocks), stable=True)
+        state.unsort = torch.argsort(sort)
+        return rows[sort], state.arrivals.sum((0, 1)).tolist()
 
-    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """Expert outputs [M, h] (partial sums over the ETP group, in `dispatch`'s order) -> [T, k, h] per
-        (token, expert) pair, zero where the pair was dropped."""
-        y = reduce_scatter_rows(y[state.unsort], self.etp_group, state.etp_sizes)
-        y = mappings.all_to_all(y, self.ep_group, state.send_splits, state.recv_splits)
+    def combine_preprocess(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        return y[state.unsort]
+
+    def token_combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        y = reduce_scatter_rows(y, self.etp_group, state.etp_sizes)
+        return all_to_all(y, self.ep_group, state.send_splits, state.recv_splits)
+
+    def combine_postprocess(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
         # a gather from the rows plus one zero row for the dropped pairs: indexing keeps only the index for
         # backward (index_copy would keep the [M, h] rows too)
         y = torch.cat([y, y.new_zeros((1, *y.shape[1:]))])

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megalite.config import ModelConfig
+from megalite.context import ModelContext
 from megalite.models.mlp import activation
 from megalite.parallel_state import ProcessGroups
 from megalite.tensor_parallel.layers import linear
@@ -20,26 +21,28 @@ from megalite.tensor_parallel.sharding import ShardSpec, set_spec
 class ExpertLinear(torch.nn.Module):
     """y = x W^T, with this rank's shard of W [out, in] cut along `dim` over the ETP group."""
 
-    def __init__(self, out_features: int, in_features: int, dim: int, etp: dist.ProcessGroup, *, std: float,
-                 stride: int = 1):
+    def __init__(self, out_features: int, in_features: int, dim: int, etp: dist.ProcessGroup, context: ModelContext,
+                 *, std: float, stride: int = 1):
         super().__init__()
+        self.context = context
         spec = ShardSpec((out_features, in_features), dim=dim, rank=dist.get_rank(etp), size=dist.get_world_size(etp),
                          stride=stride, group="etp", std=std, data_parallel_group="edp")
         self.weight = set_spec(torch.nn.Parameter(torch.empty(spec.local_shape)), spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, None)
+        return linear(x, self.weight, None, self.context)
 
 
 class ExpertMLP(torch.nn.Module):
     """fc1 -> SwiGLU (or GeLU) -> fc2 on this rank's slice of the expert's hidden units."""
 
-    def __init__(self, cfg: ModelConfig, ffn: int, etp: dist.ProcessGroup, output_std: float):
+    def __init__(self, cfg: ModelConfig, ffn: int, etp: dist.ProcessGroup, context: ModelContext, output_std: float):
         super().__init__()
         self.swiglu = cfg.swiglu
         width = 2 * ffn if cfg.swiglu else ffn
-        self.fc1 = ExpertLinear(width, cfg.hidden_size, 0, etp, std=cfg.init_method_std, stride=2 if cfg.swiglu else 1)
-        self.fc2 = ExpertLinear(cfg.hidden_size, ffn, 1, etp, std=output_std)
+        self.fc1 = ExpertLinear(width, cfg.hidden_size, 0, etp, context, std=cfg.init_method_std,
+                                stride=2 if cfg.swiglu else 1)
+        self.fc2 = ExpertLinear(cfg.hidden_size, ffn, 1, etp, context, std=output_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(activation(self.fc1(x), self.swiglu))
@@ -48,13 +51,13 @@ class ExpertMLP(torch.nn.Module):
 class LocalExperts(torch.nn.ModuleDict):
     """This EP rank's experts, keyed by global expert index."""
 
-    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, ffn: int, output_std: float):
+    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, context: ModelContext, ffn: int, output_std: float):
         etp_size = dist.get_world_size(groups.etp)
         if ffn % etp_size:
             raise ValueError(f"expert hidden size {ffn} is not divisible by the expert-TP size {etp_size}")
         per_rank = cfg.num_experts // dist.get_world_size(groups.ep)
         first = dist.get_rank(groups.ep) * per_rank
-        super().__init__({str(first + i): ExpertMLP(cfg, ffn, groups.etp, output_std) for i in range(per_rank)})
+        super().__init__({str(first + i): ExpertMLP(cfg, ffn, groups.etp, context, output_std) for i in range(per_rank)})
 
     def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Rows x [M, h] sorted by local expert, `tokens_per_expert[i]` of them for the i-th; an expert may get none.

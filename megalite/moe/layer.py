@@ -12,11 +12,14 @@ import torch
 
 from megalite import comm
 from megalite.config import ModelConfig
+from megalite.context import ModelContext
+from megalite.models.mlp import MLP, output_std
 from megalite.moe.dispatcher import AllToAllDispatcher
 from megalite.moe.experts import LocalExperts
 from megalite.moe.router import TopKRouter
 from megalite.parallel_state import ProcessGroups
 from megalite.tensor_parallel import mappings
+from megalite.tensor_parallel.layers import sequence_parallel
 
 
 class MoELayer(torch.nn.Module):
@@ -27,36 +30,33 @@ class MoELayer(torch.nn.Module):
     --moe-shared-expert-intermediate-size.
     """
 
-    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, layer: int, sequence_parallel: bool):
+    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, context: ModelContext, layer: int):
         super().__init__()
-        from megalite.models.mlp import MLP, output_std  # the dense MLP module imports this one
-
         ffn = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
         if not cfg.num_experts or ffn is None:
             raise ValueError("an MoE layer needs --num-experts and --moe-ffn-hidden-size (or --ffn-hidden-size)")
         if not 1 <= cfg.moe_router_topk <= cfg.num_experts:
             raise ValueError(f"--moe-router-topk {cfg.moe_router_topk} must be between 1 and --num-experts "
                              f"{cfg.num_experts}")
-        self.tp_group = groups.tp
-        self.tp_size = groups.size("tp")
-        self.sequence_parallel = sequence_parallel and self.tp_size > 1
-        self.router = TopKRouter(cfg, groups, layer)
+        self.tp_group, self.context = groups.tp, context
+        self.router = TopKRouter(cfg, groups, context, layer)
         self.dispatcher = AllToAllDispatcher(cfg.num_experts, groups)
-        self.experts = LocalExperts(cfg, groups, ffn, output_std(cfg))
+        self.experts = LocalExperts(cfg, groups, context, ffn, output_std(cfg))
         self.shared_expert = None
         if cfg.moe_shared_expert_intermediate_size:
-            self.shared_expert = MLP(cfg, groups, sequence_parallel=self.sequence_parallel, output_std=output_std(cfg),
+            self.shared_expert = MLP(cfg, groups, context, output_std=output_std(cfg),
                                      ffn_hidden_size=cfg.moe_shared_expert_intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, h] (replicated over TP) or [s/t, b, h] (sequence parallel) -> the same shape."""
-        tokens = x if self.sequence_parallel else mappings.scatter_to_sequence_parallel_region(x, self.tp_group)
+        split = sequence_parallel(self.context, self.tp_group)
+        tokens = x if split else mappings.scatter_to_sequence_parallel_region(x, self.tp_group)
         flat = tokens.reshape(-1, tokens.shape[-1])
         routing = self.router(flat)
         rows, tokens_per_expert, state = self.dispatcher.dispatch(flat, routing.indices, routing.keep)
         pairs = self.dispatcher.combine(self.experts(rows, tokens_per_expert), state)
         y = (pairs * routing.weights.unsqueeze(-1).to(pairs.dtype)).sum(1).view_as(tokens)
-        if not self.sequence_parallel:
+        if not split:
             y = mappings.gather_from_sequence_parallel_region(y, self.tp_group, grad_is_partial=False)
         if self.shared_expert is not None:
             y = y + self.shared_expert(x)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from megalite import comm
 from megalite.config import ModelConfig
-from megalite.moe.aux_loss import attach_aux_loss, in_recomputation, record_aux_loss
+from megalite.context import ModelContext
+from megalite.moe.aux_loss import attach_aux_loss
 from megalite.parallel_state import ProcessGroups
 from megalite.tensor_parallel.layers import linear
 from megalite.tensor_parallel.sharding import ShardSpec, set_spec
@@ -88,9 +89,9 @@ class TopKRouter(torch.nn.Module):
     expert_bias: torch.Tensor | None
     tokens_per_expert: torch.Tensor | None
 
-    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, layer: int):
+    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, context: ModelContext, layer: int):
         super().__init__()
-        self.cfg, self.layer = cfg, layer
+        self.cfg, self.layer, self.context = cfg, layer, context
         self.num_experts, self.topk = cfg.num_experts, cfg.moe_router_topk
         self.tp_cp_group = groups.tp_cp if groups.size("tp_cp") > 1 else None
         replicated = ("tp",) if groups.size("tp") > 1 else ()
@@ -111,17 +112,17 @@ class TopKRouter(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         """Route tokens x [T, h]."""
         cfg = self.cfg
-        logits = linear(x, self.weight, None).float()
+        logits = linear(x, self.weight, None, self.context).float()
         weights, indices = topk_routing(logits, self.topk, cfg.moe_router_score_function,
                                         cfg.moe_router_pre_softmax, self.expert_bias)
-        if self.tokens_per_expert is not None and self.training and not in_recomputation():
+        if self.tokens_per_expert is not None and self.training and not self.context.recomputing:
             self.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=self.num_experts)
         keep = None
         if cfg.moe_expert_capacity_factor is not None:
             capacity = expert_capacity(x.shape[0], self.topk, self.num_experts, cfg.moe_expert_capacity_factor)
             keep = capacity_keep(indices, weights, self.num_experts, capacity, cfg.moe_token_drop_policy)
         if self.training and torch.is_grad_enabled() and (self.load_balancing or self.z_loss):
-            weights = attach_aux_loss(weights, self._aux_loss(logits, indices))
+            weights = attach_aux_loss(weights, self._aux_loss(logits, indices), self.context.aux_losses)
         return Routing(weights, indices, keep)
 
     def _aux_loss(self, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -137,15 +138,15 @@ class TopKRouter(torch.nn.Module):
             comm.all_reduce(totals, self.tp_cp_group)
         all_counts, all_score_sums, all_lse_sq, all_tokens = totals.split([num_experts, num_experts, 1, 1])
         loss = logits.new_zeros(())
-        log = not in_recomputation()
+        log = self.context.aux_losses if not self.context.recomputing else None
         if self.load_balancing:
             # E x sum_i f_i P_i with f_i = counts_i / (T k) and P_i = mean score of expert i, T over the TP x CP group.
             norm = num_experts / (all_tokens * all_tokens * self.topk)
             loss = loss + cfg.moe_aux_loss_coeff * (norm * (all_counts * scores.sum(0)).sum()).squeeze()
-            if log:
-                record_aux_loss(f"load_balancing_loss/layer{self.layer}", norm * (all_counts * all_score_sums).sum())
+            if log is not None:
+                log.record(f"load_balancing_loss/layer{self.layer}", norm * (all_counts * all_score_sums).sum())
         if self.z_loss:
             loss = loss + cfg.moe_z_loss_coeff * (lse_sq.sum() / all_tokens).squeeze()
-            if log:
-                record_aux_loss(f"z_loss/layer{self.layer}", all_lse_sq / all_tokens)
+            if log is not None:
+                log.record(f"z_loss/layer{self.layer}", all_lse_sq / all_tokens)
         return loss

@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-from megalite.pipeline.schedules import Interval
+from megalite.pipeline.validate import Interval
 
 COLOURS = {"F": (66, 133, 244), "B": (245, 145, 30), "W": (52, 168, 83)}
 IDLE = (232, 232, 232)

@@ -10,10 +10,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from megalite.pipeline.actions import Costs, Schedule
 from megalite.pipeline.png import timeline_png
-from megalite.pipeline.schedules import (
-    SCHEDULES, Costs, Interval, Schedule, build_schedule, execute, peak_activations, validate,
-)
+from megalite.pipeline.schedules import SCHEDULES, build_schedule
+from megalite.pipeline.validate import Interval, execute, peak_activations, validate
 
 
 @dataclass

@@ -2,13 +2,14 @@
 parallelism. Activations are [s, b, h]; with sequence parallelism the sequence dimension is split over the TP group
 outside these layers.
 
-The linear layers share one autograd function whose backward computes the input gradient at once and the weight
-gradient either at once or, inside `defer_weight_grads()`, as a closure queued for the pipeline's W pass.
+Each layer holds its model's `ModelContext` and reads sequence parallelism from its knobs at every call (a caller
+may switch it off for one forward). The linear layers share one autograd function whose backward computes the input
+gradient at once and the weight gradient either at once or, while the context defers weight gradients (a split
+backward), as work queued for the pipeline's W pass.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -17,32 +18,13 @@ import torch.nn.functional as F
 from megalite.tensor_parallel import mappings
 from megalite.tensor_parallel.sharding import ShardSpec, set_spec
 
-_WEIGHT_GRAD_QUEUE: list[Callable[[], None]] | None = None
+if TYPE_CHECKING:
+    from megalite.context import ModelContext
 
 
-@contextlib.contextmanager
-def defer_weight_grads() -> Iterator[list[Callable[[], None]]]:
-    """Inside the block, linear layers' backward queues their weight-gradient work instead of doing it.
-
-    Yields the queue; calling each closure later (the W pass) accumulates the weight gradients into `.grad`.
-    """
-    global _WEIGHT_GRAD_QUEUE
-    previous, queue = _WEIGHT_GRAD_QUEUE, []
-    _WEIGHT_GRAD_QUEUE = queue
-    try:
-        yield queue
-    finally:
-        _WEIGHT_GRAD_QUEUE = previous
-
-
-def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad
-    else:
-        param.grad += grad
-    hook = getattr(param, "on_deferred_grad", None)
-    if hook is not None:
-        hook(param)
+def sequence_parallel(context: ModelContext, group: dist.ProcessGroup) -> bool:
+    """Whether activations are split along the sequence over `group` in this call: the knob, and TP > 1."""
+    return context.knobs.sequence_parallel and dist.get_world_size(group) > 1
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -50,12 +32,12 @@ class _LinearFunction(torch.autograd.Function):
 
     forward: all-gather x over `sp_group` if given, then the local matmul; only the local x is saved.
     backward: dx = dy @ W, reduce-scattered over `sp_group` if given; dW = dy^T @ gather(x), db = sum(dy),
-    computed now or queued for the W pass.
+    computed now, or queued on the context (the W pass returns them as (parameter, gradient) pairs).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sp_group):
-        ctx.sp_group = sp_group
+    def forward(ctx, x, weight, bias, sp_group, context):
+        ctx.sp_group, ctx.context = sp_group, context
         ctx.has_bias = bias is not None
         # the parameters themselves, for the deferred W pass: under activation checkpointing, saved tensors come
         # back as detached copies, and a gradient accumulated into one would be lost
@@ -80,40 +62,38 @@ class _LinearFunction(torch.autograd.Function):
             return grad_weight, grad_bias
 
         weight_param, bias_param = ctx.weight_param, ctx.bias_param
-        if _WEIGHT_GRAD_QUEUE is None or not weight_param.requires_grad:
+        queue = ctx.context.weight_grad_queue
+        if queue is None or not weight_param.requires_grad:
             grad_weight, grad_bias = weight_grads() if weight_param.requires_grad else (None, None)
-            return grad_input, grad_weight, grad_bias, None
+            return grad_input, grad_weight, grad_bias, None, None
 
         @torch.no_grad()
-        def deferred() -> None:
+        def deferred() -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
             grad_weight, grad_bias = weight_grads()
-            _accumulate(weight_param, grad_weight)
-            if grad_bias is not None:
-                _accumulate(bias_param, grad_bias)
+            return [(weight_param, grad_weight)] + ([(bias_param, grad_bias)] if grad_bias is not None else [])
 
-        _WEIGHT_GRAD_QUEUE.append(deferred)
-        return grad_input, None, None, None
+        queue.append(deferred)
+        return grad_input, None, None, None, None
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sp_group: dist.ProcessGroup | None = None
-) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, context: ModelContext,
+           sp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """x @ W^T + b through `_LinearFunction` (sequence-parallel gather of x when `sp_group` is given)."""
     if sp_group is not None and dist.get_world_size(sp_group) == 1:
         sp_group = None
-    if sp_group is None and _WEIGHT_GRAD_QUEUE is None and not torch.is_grad_enabled():
+    if sp_group is None and not torch.is_grad_enabled():
         return F.linear(x, weight, bias)
-    return _LinearFunction.apply(x, weight, bias, sp_group)
+    return _LinearFunction.apply(x, weight, bias, sp_group, context)
 
 
 def column_parallel_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup,
-    sequence_parallel: bool,
+    context: ModelContext,
 ) -> torch.Tensor:
     """x [s, b, in] (or [s/t, b, in] with sequence parallelism) times this rank's rows of the weight."""
-    if sequence_parallel:
-        return linear(x, weight, bias, group)
-    return linear(mappings.copy_to_tensor_parallel_region(x, group), weight, bias)
+    if sequence_parallel(context, group):
+        return linear(x, weight, bias, context, group)
+    return linear(mappings.copy_to_tensor_parallel_region(x, group), weight, bias, context)
 
 
 class ColumnParallelLinear(torch.nn.Module):
@@ -129,10 +109,10 @@ class ColumnParallelLinear(torch.nn.Module):
         in_features: int,
         out_features: int,
         group: dist.ProcessGroup,
+        context: ModelContext,
         *,
         bias: bool = True,
         gather_output: bool = False,
-        sequence_parallel: bool = False,
         std: float = 0.02,
         stride: int = 1,
     ):
@@ -140,7 +120,7 @@ class ColumnParallelLinear(torch.nn.Module):
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         if out_features % (size * stride):
             raise ValueError(f"output features {out_features} not divisible by TP size {size} x stride {stride}")
-        self.group, self.gather_output, self.sequence_parallel = group, gather_output, sequence_parallel
+        self.group, self.context, self.gather_output = group, context, gather_output
         w = ShardSpec((out_features, in_features), dim=0, rank=rank, size=size, stride=stride, std=std)
         self.weight = set_spec(torch.nn.Parameter(torch.empty(w.local_shape)), w)
         self.bias = None
@@ -149,7 +129,7 @@ class ColumnParallelLinear(torch.nn.Module):
             self.bias = set_spec(torch.nn.Parameter(torch.empty(b.local_shape)), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = column_parallel_linear(x, self.weight, self.bias, self.group, self.sequence_parallel)
+        y = column_parallel_linear(x, self.weight, self.bias, self.group, self.context)
         return mappings.gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
 
 
@@ -165,27 +145,28 @@ class RowParallelLinear(torch.nn.Module):
         in_features: int,
         out_features: int,
         group: dist.ProcessGroup,
+        context: ModelContext,
         *,
         bias: bool = True,
-        sequence_parallel: bool = False,
         std: float = 0.02,
     ):
         super().__init__()
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         if in_features % size:
             raise ValueError(f"input features {in_features} not divisible by TP size {size}")
-        self.group, self.sequence_parallel = group, sequence_parallel
+        self.group, self.context = group, context
         w = ShardSpec((out_features, in_features), dim=1, rank=rank, size=size, std=std)
         self.weight = set_spec(torch.nn.Parameter(torch.empty(w.local_shape)), w)
         self.bias = None
         if bias:
-            replicated = ("tp",) if sequence_parallel and size > 1 else ()
+            # under sequence parallelism each TP rank adds the bias to other tokens: gradients summed over TP
+            replicated = ("tp",) if sequence_parallel(context, group) else ()
             b = ShardSpec((out_features,), init="zeros", replicated_over=replicated)
             self.bias = set_spec(torch.nn.Parameter(torch.empty(out_features)), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, None)
-        if self.sequence_parallel:
+        y = linear(x, self.weight, None, self.context)
+        if sequence_parallel(self.context, self.group):
             y = mappings.reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:
             y = mappings.reduce_from_tensor_parallel_region(y, self.group)
@@ -199,14 +180,14 @@ class VocabParallelEmbedding(torch.nn.Module):
     """
 
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup, *, sequence_parallel: bool = False,
+        self, num_embeddings: int, embedding_dim: int, group: dist.ProcessGroup, context: ModelContext, *,
         std: float = 0.02,
     ):
         super().__init__()
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         if num_embeddings % size:
             raise ValueError(f"vocabulary {num_embeddings} not divisible by TP size {size}")
-        self.group, self.sequence_parallel = group, sequence_parallel
+        self.group, self.context = group, context
         self.per_rank = num_embeddings // size
         self.start = rank * self.per_rank
         w = ShardSpec((num_embeddings, embedding_dim), dim=0, rank=rank, size=size, std=std)
@@ -220,6 +201,6 @@ class VocabParallelEmbedding(torch.nn.Module):
             outside = (local < 0) | (local >= self.per_rank)
             out = F.embedding(local.masked_fill(outside, 0), self.weight)
             out = out.masked_fill(outside.unsqueeze(-1), 0.0)
-        if self.sequence_parallel:
+        if sequence_parallel(self.context, self.group):
             return mappings.reduce_scatter_to_sequence_parallel_region(out, self.group)
         return mappings.reduce_from_tensor_parallel_region(out, self.group)

@@ -138,20 +138,21 @@ class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
         return _gather(grad, 0, ctx.group), None
 
 
-class _AllToAll(torch.autograd.Function):
-    """forward: all-to-all of dimension 0 with uneven splits; backward: the reverse all-to-all (splits swapped)."""
+class _AllReduceSum(torch.autograd.Function):
+    """forward: all-reduce (sum) over the group; backward: all-reduce (sum) of the gradient over the group.
+
+    For a statistic summed over ranks that every rank then uses in its own, different terms of the loss (e.g. a
+    per-sequence mean over the CP shards of the sequence): each rank's part receives every rank's gradient.
+    """
 
     @staticmethod
-    def forward(ctx, x, group, output_splits, input_splits):
-        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
-        out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        return comm.all_to_all_single(out, x, group, output_splits, input_splits)
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        out = grad.new_empty((sum(ctx.input_splits), *grad.shape[1:]))
-        comm.all_to_all_single(out, grad.contiguous(), ctx.group, ctx.input_splits, ctx.output_splits)
-        return out, None, None, None
+        return _all_reduce(grad, ctx.group), None
 
 
 def copy_to_tensor_parallel_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -184,10 +185,6 @@ def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: dist.Proc
     return x if _size(group) == 1 else _ReduceScatterToSequenceParallelRegion.apply(x, group)
 
 
-def all_to_all(
-    x: torch.Tensor, group: dist.ProcessGroup, output_splits: list[int], input_splits: list[int]
-) -> torch.Tensor:
-    """Differentiable all-to-all of dimension 0: send `input_splits[i]` rows to rank i, receive `output_splits[i]`."""
-    if _size(group) == 1:
-        return x
-    return _AllToAll.apply(x, group, list(output_splits), list(input_splits))
+def sum_over_group(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Differentiable sum of `x` over the ranks of `group` when each rank's loss uses the sum (see `_AllReduceSum`)."""
+    return x if _size(group) == 1 else _AllReduceSum.apply(x, group)

@@ -1,9 +1,12 @@
-"""Random state for dropout under tensor parallelism.
+"""Random streams for dropout, owned by a model (its `ModelContext`), never by the process.
 
-The default generator is seeded identically on the ranks of a TP group, so dropout on tensors that every TP rank
-holds in full (the residual stream without sequence parallelism) draws the same mask everywhere, as the single
-process would. Tensors split over the TP group (attention heads, sequence-parallel activations) draw inside
-`tracker.fork()`, a generator seeded per TP rank, so each shard gets its own mask.
+A tracker holds named generator states. Dropout draws inside `tracker.fork(name)`, which swaps the named state into
+the device's default generator for the block and takes it back afterwards, so the default generator itself is never
+advanced and two models in one process draw independently. Two streams:
+- `MODEL_RNG`: seeded alike on the ranks of a TP group, for tensors every TP rank holds in full (the residual stream
+  without sequence parallelism), so each draws the mask the single process would;
+- `TP_RNG`: seeded per TP rank, for tensors split over the TP group (attention heads, sequence-parallel
+  activations), so each shard gets its own mask.
 """
 from __future__ import annotations
 
@@ -12,8 +15,10 @@ from typing import Iterator
 
 import torch
 
+MODEL_RNG = "model"
 TP_RNG = "tensor-parallel"
 _TP_SEED_OFFSET = 2718
+_PP_SEED_STRIDE = 100
 
 
 def _get_state(device: torch.device) -> torch.Tensor:
@@ -30,19 +35,29 @@ def _set_state(state: torch.Tensor, device: torch.device) -> None:
 class RNGTracker:
     """Named generator states that can temporarily replace the device's default generator."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self.states: dict[str, torch.Tensor] = {}
-        self.device = torch.device("cpu")
+        self.device = device or torch.device("cpu")
+
+    @classmethod
+    def seeded(cls, seed: int, tp_rank: int = 0, pp_rank: int = 0, device: torch.device | None = None
+               ) -> RNGTracker:
+        """Both streams of a model on (tp_rank, pp_rank): the model stream alike over TP, the TP stream per rank,
+        both different per pipeline stage."""
+        tracker = cls(device)
+        base = seed + _PP_SEED_STRIDE * pp_rank
+        tracker.add(MODEL_RNG, base)
+        tracker.add(TP_RNG, base + _TP_SEED_OFFSET + tp_rank)
+        return tracker
 
     def add(self, name: str, seed: int) -> None:
-        saved = _get_state(self.device)
-        torch.manual_seed(seed)
-        self.states[name] = _get_state(self.device)
-        _set_state(saved, self.device)
+        """A new stream `name` seeded with `seed` (what the device's default generator holds after
+        `manual_seed(seed)`; the default generator itself is not touched)."""
+        self.states[name] = torch.Generator(self.device).manual_seed(seed).get_state()
 
     @contextlib.contextmanager
-    def fork(self, name: str = TP_RNG) -> Iterator[None]:
-        """Draw from the named generator inside the block; the default generator is untouched."""
+    def fork(self, name: str) -> Iterator[None]:
+        """Draw from the named stream inside the block; the default generator is untouched."""
         saved = _get_state(self.device)
         _set_state(self.states[name], self.device)
         try:
@@ -56,19 +71,3 @@ class RNGTracker:
 
     def load_state_dict(self, states: dict[str, torch.Tensor]) -> None:
         self.states = {k: v.clone() for k, v in states.items()}
-
-
-_TRACKER = RNGTracker()
-
-
-def get_rng_tracker() -> RNGTracker:
-    return _TRACKER
-
-
-def model_parallel_seed(seed: int, tp_rank: int, pp_rank: int = 0, device: torch.device | None = None) -> None:
-    """Seed the default generator (same on a TP group, different per pipeline stage) and the per-TP-rank one."""
-    base = seed + 100 * pp_rank
-    torch.manual_seed(base)
-    _TRACKER.device = device or torch.device("cpu")
-    _TRACKER.states.clear()
-    _TRACKER.add(TP_RNG, base + _TP_SEED_OFFSET + tp_rank)

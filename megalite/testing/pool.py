@@ -6,7 +6,7 @@ reused by many tests. Any rank raising, or the call running past its timeout, ki
 on the next call) and raises `DistributedTestError` with every failing rank's traceback (for a timeout: the stack
 each rank was stuck in). Workers die with their parent (PR_SET_PDEATHSIG and a watchdog): no orphans.
 
-Ranks keep their model-parallel process groups between functions (`parallel_state.set_group_reuse`): a layout
+Ranks keep their model-parallel process groups between functions (`parallel_state.GROUP_CACHE`): a layout
 seen before costs no new gloo groups, which keeps thousands of group creations (and their TCP connects) out of a run.
 A function that fails only because gloo could not connect a new group's TCP mesh runs once more on a fresh pool.
 """
@@ -54,16 +54,6 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _reset_rank_state() -> None:
-    """Undo what a test function may have left in the process: model-parallel groups, MoE aux-loss state."""
-    from megalite import parallel_state
-    from megalite.moe.aux_loss import reset_aux_losses
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    reset_aux_losses()
-
-
 def _worker(rank: int, world_size: int, workdir: str, conn: mp.connection.Connection, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     stack_file = open(Path(workdir) / f"stack{rank}.txt", "w")
@@ -78,7 +68,7 @@ def _worker(rank: int, world_size: int, workdir: str, conn: mp.connection.Connec
     )
     from megalite import parallel_state
 
-    parallel_state.set_group_reuse(True)
+    parallel_state.GROUP_CACHE.enable()
     conn.send(("ready", None))
     while True:
         message = conn.recv()
@@ -92,8 +82,6 @@ def _worker(rank: int, world_size: int, workdir: str, conn: mp.connection.Connec
             conn.send(("ok", fn(*args, **kwargs)))
         except BaseException:  # noqa: BLE001 - everything goes back to the test
             conn.send(("error", traceback.format_exc()))
-        finally:
-            _reset_rank_state()
     dist.destroy_process_group()
 
 

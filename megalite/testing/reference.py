@@ -9,20 +9,25 @@ from megalite import parallel_state as ps
 from megalite.arguments import parse_args, resolve
 from megalite.data.gpt_dataset import document_position_ids
 from megalite.distributed import init_distributed
+from megalite.engine.losses import CrossEntropyLoss, Loss
+from megalite.engine.setup import setup
+from megalite.engine.step import forward_backward, optimizer_step
 from megalite.tensor_parallel import gather_full, get_spec
-from megalite.training import forward_backward, microbatches, optimizer_step, setup
+from megalite.training import global_batch
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
     """Sample i: random tokens and a loss mask with some zeros, drawn from (seed, i) alone. With `documents`, about
     one token in ten becomes the end-of-document token 0, and `position_ids` restart after it (as
-    --reset-position-ids numbers them)."""
+    --reset-position-ids numbers them). With `extras`, a per-token field `token_weight` [s] and a per-sample field
+    `sample_weight` [] for losses that read more than the tokens (e.g. RL advantages)."""
 
     EOD = 0
 
-    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int = 0, documents: bool = False):
+    def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int = 0, documents: bool = False,
+                 extras: bool = False):
         self.vocab_size, self.seq_length, self.num_samples, self.seed = vocab_size, seq_length, num_samples, seed
-        self.documents = documents
+        self.documents, self.extras = documents, extras
 
     def __len__(self) -> int:
         return self.num_samples
@@ -33,29 +38,35 @@ class SyntheticDataset(torch.utils.data.Dataset):
         mask = (torch.rand(self.seq_length, generator=g) > 0.15).float()
         if self.documents:
             tokens[torch.rand(self.seq_length + 1, generator=g) < 0.1] = self.EOD
-        return {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": mask,
-                "position_ids": document_position_ids(tokens[:-1], self.EOD)}
+        sample = {"tokens": tokens[:-1], "labels": tokens[1:], "loss_mask": mask,
+                  "position_ids": document_position_ids(tokens[:-1], self.EOD)}
+        if self.extras:
+            sample["token_weight"] = torch.rand(self.seq_length, generator=g) * 2
+            sample["sample_weight"] = torch.randn((), generator=g)
+        return sample
 
 
-def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None) -> dict:
-    """Run `steps` optimizer steps with the flags `argv` on the current world; return this rank's losses and its
-    parameters gathered to full tensors (keyed by global name) and whether it logs the loss."""
+def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None, loss: Loss | None = None) -> dict:
+    """Run `steps` optimizer steps with the flags `argv` on the current world (with `loss`, on a dataset with the
+    extra fields); return this rank's losses and its parameters gathered to full tensors (keyed by global name) and
+    whether it logs the loss."""
     init_distributed("gloo")
     config, derived = resolve(parse_args(argv), dist.get_world_size())
     run = setup(config, derived)
     dataset = SyntheticDataset(config.model.vocab_size, config.model.seq_length, steps * derived.global_batch_size,
-                               documents=config.data.reset_position_ids)
+                               documents=config.data.reset_position_ids, extras=loss is not None)
     losses = []
     for step in range(steps):
         run.reducer.zero_grad()
-        losses.append(forward_backward(run, microbatches(dataset, step * derived.global_batch_size, run)))
+        batches = global_batch(run, dataset, step * derived.global_batch_size)
+        losses.append(forward_backward(run, batches, loss or CrossEntropyLoss()).loss)
         optimizer_step(run, lr if lr is not None else config.training.lr)
     params = {
         name: gather_full(p.detach().float(), get_spec(p), getattr(run.groups, get_spec(p).group))
         for chunk in run.chunks for name, p in chunk.named_parameters()
     }
     result = {"losses": losses, "params": params, "logs": run.logs}
-    ps.destroy_model_parallel()
+    ps.destroy_model_parallel(run.groups)
     return result
 
 
@@ -80,14 +91,15 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_matches_single_process(world_size: int, argv: list[str], micro_batch_size: int | None = None,
-                                  steps: int = 3, tolerance: float = 1e-5) -> dict:
-    """Train `steps` steps of `argv` on `world_size` gloo ranks and on this process alone (see `reference_argv`);
-    assert the same loss at every step and the same full parameters afterwards (relative error < tolerance).
-    Call from the test process with a world of one initialised. Returns the reference result."""
+                                  steps: int = 3, tolerance: float = 1e-5, loss: Loss | None = None) -> dict:
+    """Train `steps` steps of `argv` (with `loss`, default cross entropy) on `world_size` gloo ranks and on this
+    process alone (see `reference_argv`); assert the same loss at every step and the same full parameters afterwards
+    (relative error < tolerance). Call from the test process with a world of one initialised. Returns the reference
+    result."""
     from megalite.testing.pool import run_distributed
 
-    results = run_distributed(world_size, train_and_collect, argv, steps)
-    ref = train_and_collect(reference_argv(argv, micro_batch_size), steps)
+    results = run_distributed(world_size, train_and_collect, argv, steps, None, loss)
+    ref = train_and_collect(reference_argv(argv, micro_batch_size), steps, None, loss)
     losses = logged_losses(results)
     assert len(losses) == steps
     for got, want in zip(losses, ref["losses"]):

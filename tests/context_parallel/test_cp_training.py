@@ -15,7 +15,9 @@ from megalite.testing.reference import (
     relative_error,
     train_and_collect,
 )
-from megalite.training import forward_backward, microbatches, setup
+from megalite.engine.setup import setup
+from megalite.engine.step import forward_backward
+from megalite.training import global_batch
 
 MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
          "--ffn-hidden-size", "64", "--seq-length", "32", "--vocab-size", "128", "--global-batch-size", "4",
@@ -82,11 +84,11 @@ class MaskedForRankOne(SyntheticDataset):
 def _loss_with_a_fully_masked_cp_rank(argv):
     config, derived = resolve(parse_args(argv), torch.distributed.get_world_size())
     run = setup(config, derived)
-    batches = microbatches(MaskedForRankOne(128, 32, 4), 0, run)
+    batches = global_batch(run, MaskedForRankOne(128, 32, 4), 0)
     local_tokens = sum(b["loss_mask"].sum().item() for b in batches)
-    loss = forward_backward(run, batches)
+    loss = forward_backward(run, batches).loss
     finite = all(torch.isfinite(p.main_grad).all().item() for p in run.model.parameters())
-    ps.destroy_model_parallel()
+    ps.destroy_model_parallel(run.groups)
     return loss, local_tokens, finite
 
 

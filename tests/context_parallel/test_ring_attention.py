@@ -97,7 +97,7 @@ def _all_cases(cp, cp_cases, tp_cases):
     every = slice(None), slice(None)
     results = {"cp": [_run_case(c, groups.cp, groups.ranks["cp"], groups.rank("cp"), cp, every) for c in cp_cases]}
     if tp_cases:
-        ps.destroy_model_parallel()
+        ps.destroy_model_parallel(groups)
         groups = ps.initialize_model_parallel(tp=2, cp=2)
         tp_rank = groups.rank("tp")
         results["tp"] = [

@@ -83,7 +83,7 @@ def _round_trip(layouts: list[tuple[int, int]]) -> list[dict]:
                 grad_ok=torch.equal(xx.grad, (grad * kept.unsqueeze(-1)).sum(1)),
             )
         results.append(out)
-        ps.destroy_model_parallel()
+        ps.destroy_model_parallel(groups)
     return results
 
 
@@ -127,7 +127,7 @@ def _bytes_per_direction(ep: int, etp: int, tokens: int, hidden: int) -> dict[st
     with comm.count_comm() as c:
         rows.backward(grad_rows)
     measured["dispatch backward"] = c.bytes[key]
-    ps.destroy_model_parallel()
+    ps.destroy_model_parallel(groups)
     return measured
 
 

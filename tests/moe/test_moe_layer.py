@@ -9,7 +9,8 @@ import torch
 from megalite import comm
 from megalite import parallel_state as ps
 from megalite.config import ModelConfig
-from megalite.moe import MoELayer, pop_aux_losses, set_aux_loss_scale, update_expert_biases
+from megalite.context import ModelContext, ParallelKnobs
+from megalite.moe import MoELayer, update_expert_biases
 from megalite.optim.ddp import GradReducer
 from megalite.tensor_parallel import gather_full, get_spec, initialize_parameters
 from megalite.testing import run_distributed
@@ -42,13 +43,12 @@ def run_layer(overrides: dict, tp: int = 1, cp: int = 1, ep: int = 1, etp: int =
     other); return outputs, input grads, full parameter grads, logged aux losses and the updated expert bias."""
     groups = ps.initialize_model_parallel(tp=tp, cp=cp, ep=ep, etp=etp)
     cfg = config(**overrides)
-    layer = MoELayer(cfg, groups, 0, sp)
+    context = ModelContext(ParallelKnobs(sequence_parallel=sp))
+    layer = MoELayer(cfg, groups, context, 0)
     initialize_parameters(list(layer.named_parameters()), SEED)
     if cfg.moe_router_enable_expert_bias:
         layer.router.expert_bias[UNUSED_EXPERT] = -10.0
     reducer = GradReducer(list(layer.parameters()), groups)
-    pop_aux_losses()
-    set_aux_loss_scale(1.0)  # the scale is process-global; a training test may have left another value
     outputs, input_grads = [], []
     for d in replicas if replicas is not None else [groups.rank("dp")]:
         x, g = (local_slice(t, groups, sp) for t in replica(d))
@@ -62,8 +62,8 @@ def run_layer(overrides: dict, tp: int = 1, cp: int = 1, ep: int = 1, etp: int =
              for name, p in layer.named_parameters()}
     update_expert_biases(layer, groups)
     bias = None if layer.router.expert_bias is None else layer.router.expert_bias.clone()
-    ps.destroy_model_parallel()
-    return dict(outputs=outputs, input_grads=input_grads, grads=grads, aux=pop_aux_losses(), bias=bias)
+    ps.destroy_model_parallel(groups)
+    return dict(outputs=outputs, input_grads=input_grads, grads=grads, aux=context.aux_losses.pop(), bias=bias)
 
 
 def _run_cases(cases: list[tuple[dict, dict]]) -> list[dict]:
@@ -138,7 +138,7 @@ def test_moe_layer_on_8_ranks_matches_single_process(world_of_one):
 def _layer_bytes(tp: int, sp: bool, ep: int, etp: int) -> tuple[int, int, int]:
     """All-to-all bytes over the EP group of one layer's forward and backward, and the tokens this rank routed."""
     groups = ps.initialize_model_parallel(tp=tp, ep=ep, etp=etp)
-    layer = MoELayer(config(), groups, 0, sp)
+    layer = MoELayer(config(), groups, ModelContext(ParallelKnobs(sequence_parallel=sp)), 0)
     initialize_parameters(list(layer.named_parameters()), SEED)
     x, g = (local_slice(t, groups, sp) for t in replica(groups.rank("dp")))
     key = ("all_to_all", comm.group_name(groups.ep))
@@ -147,7 +147,7 @@ def _layer_bytes(tp: int, sp: bool, ep: int, etp: int) -> tuple[int, int, int]:
     with comm.count_comm() as backward:
         (y * g).sum().backward()
     routed = SEQ * BATCH // tp
-    ps.destroy_model_parallel()
+    ps.destroy_model_parallel(groups)
     return forward.bytes[key], backward.bytes[key], routed
 
 

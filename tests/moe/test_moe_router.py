@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
-
 from megalite.config import ModelConfig
-from megalite.models.mlp import MLP, build_mlp
-from megalite.moe import MoELayer, TopKRouter, pop_aux_losses, set_aux_loss_scale, update_expert_biases
+from megalite.context import ModelContext
+from megalite.models.gpt import build_mlp, recompute
+from megalite.models.mlp import MLP
+from megalite.moe import MoELayer, TopKRouter, update_expert_biases
 from megalite.moe.router import capacity_keep, expert_capacity, topk_routing
 from megalite.tensor_parallel import initialize_parameters
 
@@ -73,13 +73,14 @@ def test_expert_bias_changes_selection_only(solo_groups):
     assert (indices == 5).any(1).all() and not torch.equal(indices, plain_indices)
     assert torch.equal(weights, torch.sigmoid(z).gather(1, indices))  # unbiased scores of the chosen experts
 
-    router = TopKRouter(config(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.5), solo_groups, 0)
+    router = TopKRouter(config(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.5), solo_groups,
+                        ModelContext(), 0)
     assert "expert_bias" in router.state_dict() and "tokens_per_expert" not in router.state_dict()
 
 
 def test_expert_bias_moves_against_the_load(solo_groups):
     cfg = config(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.5)
-    layer = MoELayer(cfg, solo_groups, 0, False)
+    layer = MoELayer(cfg, solo_groups, ModelContext(), 0)
     initialize_parameters(list(layer.named_parameters()), 3)
     x = torch.randn(16, 2, H, generator=torch.Generator().manual_seed(2))
     layer.eval()
@@ -105,18 +106,16 @@ def test_aux_losses_reach_the_gradient_with_the_set_scale(score_function, solo_g
     g = torch.randn(8, 3, H, generator=torch.Generator().manual_seed(5))
 
     def run(**coeffs):
-        layer = MoELayer(config(moe_router_score_function=score_function, **coeffs), solo_groups, 0, False)
+        context = ModelContext()
+        context.aux_losses.scale = scale
+        layer = MoELayer(config(moe_router_score_function=score_function, **coeffs), solo_groups, context, 0)
         initialize_parameters(list(layer.named_parameters()), 11)
         xx = x.clone().requires_grad_()
         return layer, xx, (layer(xx) * g).sum()
 
-    set_aux_loss_scale(scale)
-    try:
-        layer, xx, loss = run(moe_aux_loss_coeff=a, moe_z_loss_coeff=zc)
-        loss.backward()
-    finally:
-        set_aux_loss_scale(1.0)
-    logged = pop_aux_losses()
+    layer, xx, loss = run(moe_aux_loss_coeff=a, moe_z_loss_coeff=zc)
+    loss.backward()
+    logged = layer.context.aux_losses.pop()
 
     ref, rx, ref_loss = run()
     z = rx.reshape(-1, H) @ ref.router.weight.t()
@@ -137,15 +136,17 @@ def test_aux_losses_reach_the_gradient_with_the_set_scale(score_function, solo_g
 
 def test_recomputation_logs_and_counts_once(solo_groups):
     cfg = config(moe_aux_loss_coeff=0.1, moe_router_enable_expert_bias=True)
-    layer = MoELayer(cfg, solo_groups, 3, False)
+    context = ModelContext()
+    layer = MoELayer(cfg, solo_groups, context, 3)
     initialize_parameters(list(layer.named_parameters()), 3)
     x = torch.randn(4, 2, H, requires_grad=True)
-    checkpoint(layer, x, use_reentrant=False).sum().backward()
+    recompute(context, layer, x).sum().backward()
     assert layer.router.tokens_per_expert.sum() == 4 * 2 * K
-    assert list(pop_aux_losses()) == ["load_balancing_loss/layer3"]
+    assert list(context.aux_losses.pop()) == ["load_balancing_loss/layer3"]
+    assert not context.recomputing
 
 
 def test_build_mlp_interleaves_dense_and_moe_layers(solo_groups):
-    kinds = [type(build_mlp(config(moe_layer_freq=2), solo_groups, i, False)) for i in range(4)]
+    kinds = [type(build_mlp(config(moe_layer_freq=2), solo_groups, ModelContext(), i)) for i in range(4)]
     assert kinds == [MoELayer, MLP, MoELayer, MLP]
-    assert type(build_mlp(config(num_experts=None), solo_groups, 0, False)) is MLP
+    assert type(build_mlp(config(num_experts=None), solo_groups, ModelContext(), 0)) is MLP

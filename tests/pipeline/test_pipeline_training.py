@@ -55,14 +55,17 @@ def _measured_bubbles(argv):
     from megalite import parallel_state as ps
     from megalite.arguments import parse_args, resolve
     from megalite.testing.reference import SyntheticDataset
-    from megalite.training import bubbles, forward_backward, microbatches, setup
+    from megalite.engine.log import bubbles
+    from megalite.engine.setup import setup
+    from megalite.engine.step import forward_backward
+    from megalite.training import global_batch
 
     config, derived = resolve(parse_args(argv), dist.get_world_size())
     run = setup(config, derived)
-    forward_backward(run, microbatches(SyntheticDataset(128, 16, 8), 0, run))
-    per_stage = bubbles(run)
-    ps.destroy_model_parallel()
-    return run.last_bubble, per_stage
+    result = forward_backward(run, global_batch(run, SyntheticDataset(128, 16, 8), 0))
+    per_stage = bubbles(run, result.bubble)
+    ps.destroy_model_parallel(run.groups)
+    return result.bubble, per_stage
 
 
 def test_the_runtime_measures_each_ranks_bubble(world_of_one):

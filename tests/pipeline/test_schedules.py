@@ -1,10 +1,10 @@
-"""Pipeline schedules as data: printed lists, stage placement, and `validate` (which must pass for every generated
-schedule and fail for broken ones)."""
+"""Pipeline schedules as data: printed lists, stage placement, forward-only lists, and `validate` (which must pass
+for every generated schedule and fail for broken ones)."""
 import pytest
 
-from megalite.pipeline.schedules import (
-    SCHEDULES, Action, Costs, Schedule, ScheduleError, build_schedule, peak_activations, validate,
-)
+from megalite.pipeline.actions import Action, Costs, Schedule, ScheduleError
+from megalite.pipeline.schedules import SCHEDULES, build_schedule
+from megalite.pipeline.validate import execute, peak_activations, validate
 
 
 def lists(text: str) -> list[list[Action]]:
@@ -206,3 +206,68 @@ def test_zero_bubble_schedules_hold_no_more_than_1f1b(pp, m):
     assert peak_activations(h1, until="W") == [pp] * pp
     v = build_schedule("zb-v", pp, m)
     assert peak_activations(v) == peak_activations(v, until="W") == [pp] * pp
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_forward_only_schedules_validate_and_run_each_f_once_in_microbatch_order(name):
+    checked = 0
+    for pp, m in [(1, 1), (1, 3), (2, 2), (2, 4), (3, 6), (4, 8), (4, 9)]:
+        try:
+            full = build_schedule(name, pp, m)
+        except ValueError:
+            continue
+        schedule = build_schedule(name, pp, m, forward_only=True)
+        validate(schedule)
+        assert schedule.forward_only and not schedule.split_backward
+        assert (schedule.num_chunks, schedule.v_shape) == (full.num_chunks, full.v_shape)
+        assert peak_activations(schedule) == peak_activations(schedule, until="W") == [0.0] * pp
+        for acts in schedule.actions:
+            assert {a.kind for a in acts} <= {"F", "SEND_F", "RECV_F"}
+            for c in range(schedule.num_chunks):
+                assert [a.microbatch for a in acts if a.kind == "F" and a.chunk == c] == list(range(m))
+        # Pipelined: with unit costs the step takes m stage forwards plus the first microbatch's way down, which
+        # interleaving shortens to (p-1)/v (a chunk takes 1/v of a stage's time) and zb-v's V does not.
+        timeline = execute(schedule, lambda a: 1 / schedule.num_chunks)
+        fill = (pp - 1) / schedule.num_chunks if name == "interleaved" else pp - 1
+        assert max(row[-1][1] for row in timeline) == pytest.approx(m + fill)
+        checked += 1
+    assert checked >= 2
+
+
+def test_forward_only_1f1b_sends_each_activation_as_it_is_computed():
+    assert str(build_schedule("1f1b", 2, 2, forward_only=True)) == (
+        "rank 0: F0.0 sendF0.0>1 F0.1 sendF0.1>1\n"
+        "rank 1: recvF0.0<0 F0.0 recvF0.1<0 F0.1")
+    assert str(build_schedule("none", 1, 3, forward_only=True)) == "rank 0: F0.0 F0.1 F0.2"
+
+
+def test_forward_only_zb_v_turns_on_the_last_rank_and_ends_on_the_first():
+    assert build_schedule("zb-v", 2, 2, forward_only=True).format(comm=False) == (
+        "rank 0: F0.0 F0.1 F1.0 F1.1\n"
+        "rank 1: F0.0 F1.0 F0.1 F1.1")
+
+
+GOOD_FORWARD = """
+rank 0: F0.0 sendF0.0>1 F0.1 sendF0.1>1
+rank 1: recvF0.0<0 F0.0 recvF0.1<0 F0.1
+"""
+
+
+def forward_only(text: str) -> Schedule:
+    actions = lists(text)
+    return Schedule("1f1b", len(actions), 2, 1, False, actions, forward_only=True)
+
+
+@pytest.mark.parametrize("text, message", [
+    (GOOD_FORWARD.replace("recvF0.1<0 F0.1", "recvF0.1<0 F0.1 B0.1"), r"rank 1: B0\.1: backward in a forward-only"),
+    (GOOD_FORWARD.replace("F0.1 sendF0.1>1", "F0.1 sendF0.1>1 recvB0.0<1"),
+     r"rank 0: recvB0\.0<1: backward in a forward-only"),
+    (GOOD_FORWARD.replace(" F0.1 sendF0.1>1", ""), r"rank 0 never runs F0\.1"),
+    (GOOD_FORWARD.replace("recvF0.0<0 F0.0 recvF0.1<0", "recvF0.1<0 F0.0 recvF0.0<0"),
+     r"F0\.0: its input recvF0\.0<0 does not come before it"),
+    (GOOD_1F1B, r"rank 0: recvB0\.0<1: backward in a forward-only"),
+])
+def test_validate_catches_broken_forward_only_lists(text, message):
+    validate(forward_only(GOOD_FORWARD))
+    with pytest.raises(ScheduleError, match=message):
+        validate(forward_only(text))

@@ -4,8 +4,9 @@ import zlib
 
 import pytest
 
+from megalite.pipeline.actions import Costs
 from megalite.pipeline.png import encode_png
-from megalite.pipeline.schedules import Costs, build_schedule
+from megalite.pipeline.schedules import build_schedule
 from megalite.pipeline.simulator import main, simulate
 
 

@@ -7,9 +7,10 @@ import torch
 
 from megalite import parallel_state as ps
 from megalite.config import ModelConfig
+from megalite.context import ModelContext, ParallelKnobs
 from megalite.models.gpt import GPTModel
 from megalite.optim.ddp import GradReducer
-from megalite.tensor_parallel import defer_weight_grads, gather_full, get_spec, model_parallel_seed
+from megalite.tensor_parallel import RNGTracker, gather_full, get_spec, vocab_parallel_cross_entropy
 from megalite.testing import run_distributed
 
 VOCAB, SEQ, BATCH, SEED = 128, 8, 2, 7
@@ -33,23 +34,24 @@ def loss_and_grads(cfg: ModelConfig, tp: int, sp: bool, split_backward: bool = F
     """Run one forward/backward on this rank's model (with `split_backward`, the weight gradients deferred to a W
     pass afterwards, as zero-bubble schedules do); return the loss and every full (gathered) gradient."""
     groups = ps.initialize_model_parallel(tp=tp)
-    model_parallel_seed(SEED, groups.rank("tp"))
-    model = GPTModel(cfg, groups, vocab_size=VOCAB, sequence_parallel=sp, **model_kwargs)
+    context = ModelContext(ParallelKnobs(sequence_parallel=sp), RNGTracker.seeded(SEED, groups.rank("tp")))
+    model = GPTModel(cfg, groups, context, vocab_size=VOCAB, **model_kwargs)
     model.initialize(SEED)
     reducer = GradReducer(list(model.parameters()), groups)
     tokens, labels, mask = batch()
-    losses = model(tokens, labels=labels)
+    losses = vocab_parallel_cross_entropy(model(tokens), labels, groups.tp)
     loss = (losses * mask).sum() / mask.sum()
     if split_backward:
-        with defer_weight_grads() as weight_work:
+        with context.deferring_weight_grads() as weight_work:
             loss.backward()
         for work in weight_work:
-            work()
+            for param, grad in work():
+                reducer.add_deferred(param, grad)
     else:
         loss.backward()
     reducer.finish()
     grads = {n: gather_full(p.main_grad, get_spec(p), groups.tp) for n, p in model.named_parameters()}
-    ps.destroy_model_parallel()
+    ps.destroy_model_parallel(groups)
     return loss.item(), grads
 
 

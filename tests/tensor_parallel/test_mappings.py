@@ -1,7 +1,9 @@
-"""Each TP/SP autograd collective on its own: forward and backward against values built from every rank's input."""
+"""Each autograd collective on its own (TP/SP mappings, the summed statistic, the MoE all-to-all): forward and
+backward against values built from every rank's input."""
 import torch
 import torch.distributed as dist
 
+from megalite.moe.collectives import all_to_all
 from megalite.tensor_parallel import mappings as m
 from megalite.testing import run_distributed
 
@@ -49,15 +51,18 @@ def _check_all_mappings():
     offsets = [[sum(splits[r][:j]) for j in range(size)] for r in range(size)]
     expect = torch.cat([rows[r][offsets[r][rank] : offsets[r][rank] + splits[r][rank]] for r in range(size)])
     x = rows[rank].clone().requires_grad_()
-    y = m.all_to_all(x, group, [splits[r][rank] for r in range(size)], splits[rank])
+    y = all_to_all(x, group, [splits[r][rank] for r in range(size)], splits[rank])
     y.backward(y.detach() * 2)  # each row comes home doubled
     errors["all_to_all"] = max((y - expect).abs().max().item(), (x.grad - 2 * rows[rank]).abs().max().item())
+
+    # A statistic summed over the group that every rank's own loss term uses: each input gets every rank's gradient.
+    run("sum_over_group", lambda x: m.sum_over_group(x, group), xs[rank], gs[rank], sum(xs), total_g)
     return errors
 
 
 def test_every_mapping_forward_and_backward_on_4_ranks():
     for rank, errors in enumerate(run_distributed(4, _check_all_mappings)):
-        assert len(errors) == 9
+        assert len(errors) == 10
         for name, err in errors.items():
             assert err < 1e-12, (rank, name, err)
 

@@ -55,12 +55,12 @@ def _main_weight_elements(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from megalite import parallel_state as ps
-    from megalite.training import setup
+    from megalite.engine.setup import setup
 
     config, derived = resolve(parse_args(argv), dist.get_world_size())
     run = setup(config, derived)
     count = sum(m.numel() for m in run.optimizer.main)
-    ps.destroy_model_parallel()
+    ps.destroy_model_parallel(run.groups)
     return count
 
 
@@ -89,17 +89,19 @@ def _gradient_traffic(argv: list[str]) -> dict[str, int]:
     from megalite import comm
     from megalite import parallel_state as ps
     from megalite.testing.reference import SyntheticDataset
-    from megalite.training import forward_backward, microbatches, optimizer_step, setup
+    from megalite.engine.setup import setup
+    from megalite.engine.step import forward_backward, optimizer_step
+    from megalite.training import global_batch
 
     config, derived = resolve(parse_args(argv), dist.get_world_size())
     run = setup(config, derived)
-    batches = microbatches(SyntheticDataset(128, 16, derived.global_batch_size), 0, run)
+    batches = global_batch(run, SyntheticDataset(128, 16, derived.global_batch_size), 0)
     run.reducer.zero_grad()
     with comm.count_comm() as counter:
         forward_backward(run, batches)
         optimizer_step(run, 0.01)
     grads = sum(b.buffer.numel() * 4 for b in run.reducer.buckets)
-    ps.destroy_model_parallel()
+    ps.destroy_model_parallel(run.groups)
     return {kind: counter.total(kind, "dp") for kind in ("all_reduce", "reduce_scatter", "all_gather")} | \
         {"buffers": grads}
 

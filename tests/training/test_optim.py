@@ -12,8 +12,11 @@ from megalite.optim.lr_schedule import LRSchedule
 from megalite.optim.optimizer import LossScaler, MixedPrecisionAdamW, global_grad_norm
 from megalite.testing import run_distributed
 from megalite.testing.reference import SyntheticDataset, reference_argv
-from megalite.training import Logger, forward_backward, microbatches, setup, train
 from megalite.checkpoint import TrainState
+from megalite.engine.log import Logger
+from megalite.engine.setup import setup
+from megalite.engine.step import forward_backward
+from megalite.training import global_batch, train
 
 
 def test_lr_schedule_values():
@@ -48,10 +51,8 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
 
 @pytest.fixture
 def no_groups(world_of_one):
-    """A world of one without model-parallel groups; whatever the test creates is destroyed after it."""
+    """A world of one; each test destroys the model-parallel groups of the runs it sets up."""
     yield
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
 
 
 def test_fp16_overflow_steps_are_skipped_and_logged(no_groups, capsys):
@@ -83,9 +84,9 @@ def _grad_norm(argv):
     run = setup(config, derived)
     data = SyntheticDataset(128, 16, derived.global_batch_size)
     run.reducer.zero_grad()
-    forward_backward(run, microbatches(data, 0, run))
+    forward_backward(run, global_batch(run, data, 0))
     norm = global_grad_norm([s.grad for s in run.optimizer.segments], run.optimizer.counted)
-    ps.destroy_model_parallel()
+    ps.destroy_model_parallel(run.groups)
     return norm
 
 
@@ -107,10 +108,10 @@ def test_bf16_training_keeps_fp32_main_weights_and_learns(no_groups):
     config, derived = resolve(parse_args(TINY + ["--bf16", "--lr", "0.01"]), 1)
     run = setup(config, derived)
     data = SyntheticDataset(128, 16, 64)
-    losses = [forward_backward(run, microbatches(data, 0, run)) for _ in range(1)]
+    losses = [forward_backward(run, global_batch(run, data, 0)).loss for _ in range(1)]
     for _ in range(5):
         run.reducer.zero_grad()
-        losses.append(forward_backward(run, microbatches(data, 0, run)))
+        losses.append(forward_backward(run, global_batch(run, data, 0)).loss)
         run.optimizer.step(0.01)
     assert run.chunks[0].embedding.weight.dtype == torch.bfloat16
     assert all(m.dtype == torch.float32 for m in run.optimizer.main)

@@ -1,0 +1,66 @@
+"""Validation rules: every invalid combination of flags is rejected before any process group or file exists,
+with a message that names the flags and the fix.
+
+A rule is a function `rule(config, defaults) -> str | None` (`core.Rule`), given the `Defaults` computed once for
+the config. The rules live by concern in `layout`, `model` and `training`; `RULES` lists them in the order their
+messages appear."""
+from __future__ import annotations
+
+from megalite.config import MegaliteConfig
+from megalite.validation import layout, model, training
+from megalite.validation.core import ConfigError, Defaults, Rule, defaults, flag_name
+from megalite.validation.training import split_weights
+
+__all__ = ["RULES", "ConfigError", "Defaults", "Rule", "defaults", "flag_name", "split_weights", "validate"]
+
+RULES: tuple[Rule, ...] = (
+    layout.positive_parallel_sizes,
+    layout.world_divides_dense_grid,
+    layout.world_divides_expert_grid,
+    layout.rank_order_is_a_permutation,
+    model.heads_divisible_by_tp,
+    model.query_groups_divisible_by_tp,
+    model.heads_divisible_by_query_groups,
+    model.hidden_divisible_by_heads,
+    model.head_dim_even_for_rotary,
+    model.ffn_divisible_by_tp,
+    model.experts_needed_for_ep,
+    model.experts_divisible_by_ep,
+    model.topk_at_most_experts,
+    model.expert_ffn_divisible_by_etp,
+    model.shared_expert_divisible_by_tp,
+    model.moe_layer_freq_positive,
+    layout.layers_divisible_by_pp,
+    layout.interleaving_flags_agree,
+    layout.interleaving_needs_pipeline,
+    layout.virtual_stages_divide_layers,
+    layout.zero_bubble_v_needs_two_chunks,
+    layout.sequence_divisible_for_cp,
+    layout.sequence_parallel_needs_tp,
+    layout.sequence_divisible_for_sp,
+    model.positive_shapes,
+    model.dropout_is_a_probability,
+    training.micro_batch_positive,
+    training.global_batch_divisible,
+    training.interleaving_microbatches,
+    training.one_precision,
+    training.one_training_length,
+    training.train_samples_divisible,
+    training.learning_rates_ordered,
+    training.warmup_within_decay,
+    training.save_interval_needs_save,
+    training.data_path_well_formed,
+    training.split_well_formed,
+    training.tokenizer_model_given,
+)
+"""Every rule, in the order their messages are listed."""
+
+
+def validate(c: MegaliteConfig, world_size: int) -> Defaults:
+    """Raise `ConfigError` listing every rule `c` breaks on `world_size` ranks; otherwise return the `Defaults`
+    the rules were checked with."""
+    d = defaults(c, world_size)
+    errors = [msg for r in RULES if (msg := r(c, d))]
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
+    return d
