@@ -6,14 +6,15 @@ final norm, output layer tied to the embedding, `F.cross_entropy`. It receives t
 (re-ordering the fused QKV rows from megalite's per-group layout), so both compute the same loss; the benchmark
 checks that first, which doubles as an independent check of the megalite model's math.
 
-A step is forward + backward + optimizer: megalite's `GradReducer` + `MixedPrecisionAdamW` (as `megalite train`
-runs it) against `torch.optim.AdamW` + `clip_grad_norm_`, with the same hyper-parameters. Steps alternate between
+A step is forward + backward + optimizer: megalite's step engine with its `GradReducer` + `MixedPrecisionAdamW` (as
+`megalite train` runs it) against `torch.optim.AdamW` + `clip_grad_norm_`, with the same hyper-parameters. Steps alternate between
 the two models (the order flips every repetition), after warm-up steps; the median and minimum of each and the
 ratio megalite / plain are reported (docs/benchmarks.md).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import time
@@ -22,9 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from megalite.config import ModelConfig, TrainingConfig
-from megalite.parallel_state import ProcessGroups
-from megalite.tensor_parallel import vocab_parallel_cross_entropy
+from megalite.config import MegaliteConfig, ModelConfig, TrainingConfig
 
 
 # -------------------------------------------------------------------------------------------------- the plain GPT
@@ -157,28 +156,26 @@ def copy_weights(megalite_model: torch.nn.Module, plain: PlainGPT, cfg: ModelCon
 
 # --------------------------------------------------------------------------------------------------- the steps
 class StepPair:
-    """The megalite GPT (TP=1, with megalite's gradient reducer and optimizer) and the plain GPT with identical
-    weights, `torch.optim.AdamW` and `clip_grad_norm_`, the same hyper-parameters and the same batch."""
+    """The megalite GPT (TP=1, one training step of `megalite train`'s engine: the pipeline runtime's schedule
+    'none', cross entropy, gradient reducer and optimizer) and the plain GPT with identical weights,
+    `torch.optim.AdamW` and `clip_grad_norm_`, the same hyper-parameters and the same batch. Makes its own
+    (size-one) process groups on the initialised default group; `close()` destroys them."""
 
-    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, vocab_size: int, micro_batch_size: int,
-                 seed: int = 1234):
-        from megalite.context import ModelContext
-        from megalite.models.gpt import GPTModel
-        from megalite.optim.ddp import GradReducer
-        from megalite.optim.optimizer import MixedPrecisionAdamW
+    def __init__(self, cfg: ModelConfig, vocab_size: int, micro_batch_size: int, seed: int = 1234):
+        from megalite.arguments import resolve
+        from megalite.engine.setup import setup
 
-        if groups.size("tp") != 1:
-            raise ValueError("the plain GPT is the TP=1 model")
         if cfg.untie_embeddings_and_output_weights or cfg.num_experts or cfg.recompute_granularity:
             raise ValueError("the plain GPT is dense, with a tied output layer and no recomputation")
-        self.cfg, self.groups = cfg, groups
-        self.model = GPTModel(cfg, groups, ModelContext(), vocab_size=vocab_size)
-        self.model.initialize(seed)
+        self.cfg = cfg
+        self.train = TrainingConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0, micro_batch_size=micro_batch_size,
+                                    seed=seed)
+        config, derived = resolve(MegaliteConfig(model=dataclasses.replace(cfg, vocab_size=vocab_size),
+                                                 training=self.train), 1)
+        self.run = setup(config, derived)
+        self.model = self.run.chunks[0]
         self.plain = PlainGPT(cfg, vocab_size)
         copy_weights(self.model, self.plain, cfg)
-        self.train = TrainingConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
-        self.reducer = GradReducer(list(self.model.parameters()), groups)
-        self.optimizer = MixedPrecisionAdamW(self.reducer, groups, self.train)
         decay = [p for p in self.plain.parameters() if p.ndim > 1]
         no_decay = [p for p in self.plain.parameters() if p.ndim <= 1]
         t = self.train
@@ -189,15 +186,20 @@ class StepPair:
         data = torch.randint(0, vocab_size, (micro_batch_size, cfg.seq_length + 1),
                              generator=torch.Generator().manual_seed(seed))
         self.tokens, self.labels = data[:, :-1], data[:, 1:]
+        self.batches = [{"tokens": self.tokens, "labels": self.labels,
+                         "loss_mask": torch.ones(self.tokens.shape, dtype=torch.float32)}]
+
+    def close(self) -> None:
+        from megalite import parallel_state as ps
+
+        ps.destroy_model_parallel(self.run.groups)
 
     def megalite_forward_backward(self) -> float:
         """Zeroed gradients, then the mean loss's gradients in each parameter's `main_grad`; returns the loss."""
-        self.reducer.zero_grad()
-        losses = vocab_parallel_cross_entropy(self.model(self.tokens), self.labels, self.groups.tp)
-        loss = losses.sum() / losses.numel()
-        loss.backward()
-        self.reducer.finish()
-        return loss.item()
+        from megalite.engine.step import forward_backward
+
+        self.run.reducer.zero_grad()
+        return forward_backward(self.run, self.batches).loss
 
     def plain_forward_backward(self) -> float:
         """Zeroed gradients, then the mean loss's gradients in each parameter's `grad`; returns the loss."""
@@ -207,8 +209,10 @@ class StepPair:
         return loss.item()
 
     def megalite_step(self) -> float:
+        from megalite.engine.step import optimizer_step
+
         loss = self.megalite_forward_backward()
-        self.optimizer.step(self.train.lr)
+        optimizer_step(self.run, self.train.lr)
         return loss
 
     def plain_step(self) -> float:
@@ -282,20 +286,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    from megalite import parallel_state as ps
     from megalite.distributed import init_distributed
 
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     init_distributed("gloo")
-    cfg = model_config(args)
-    groups = ps.initialize_model_parallel()
-    pair = StepPair(cfg, groups, args.vocab_size, args.micro_batch_size)
+    pair = StepPair(model_config(args), args.vocab_size, args.micro_batch_size)
     try:
         return report(pair, args)
     finally:
-        ps.destroy_model_parallel(groups)
+        pair.close()
 
 
 def report(pair: StepPair, args: argparse.Namespace) -> int:

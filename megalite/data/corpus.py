@@ -12,7 +12,8 @@ import sys
 import sysconfig
 from collections.abc import Iterator
 
-from megalite.data.encode import Record, encode_to_datasets
+from megalite.data.documents import Record
+from megalite.data.encode import encode_to_datasets
 from megalite.data.indexed_dataset import IndexedDataset
 from megalite.data.tokenizers import ByteTokenizer, Tokenizer
 

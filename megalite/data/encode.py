@@ -15,14 +15,9 @@ from typing import TextIO
 
 import numpy as np
 
-from megalite.data.documents import TEXT_DOCUMENTS, Record, is_json_lines, read_records
+from megalite.data.documents import Record
 from megalite.data.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path, token_dtype
 from megalite.data.tokenizers import HuggingFaceTokenizer, Tokenizer
-
-# TEXT_DOCUMENTS, Record, is_json_lines and read_records are re-exported: `megalite preprocess` and the corpus
-# import them from here.
-__all__ = ["TEXT_DOCUMENTS", "EncodeSummary", "ProgressBar", "Record", "encode_to_datasets", "is_json_lines",
-           "read_records"]
 
 Batch = tuple[list[list[str]], int]
 """The texts of several records and their input bytes."""

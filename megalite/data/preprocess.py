@@ -11,7 +11,8 @@ import sys
 
 from megalite.config import DataConfig
 from megalite.data.corpus import default_cache_dir, default_corpus_prefix, stdlib_files
-from megalite.data.encode import TEXT_DOCUMENTS, encode_to_datasets, is_json_lines, read_records
+from megalite.data.documents import TEXT_DOCUMENTS, is_json_lines, read_records
+from megalite.data.encode import encode_to_datasets
 from megalite.data.tokenizers import Tokenizer, build_tokenizer, train_bpe_tokenizer
 
 

@@ -11,6 +11,20 @@ from megalite.config import ModelConfig
 VOCAB, BATCH = 64, 2
 
 
+@pytest.fixture
+def make_pair(world_of_one):
+    """StepPair factory; the pairs' process groups are destroyed after the test."""
+    pairs = []
+
+    def make(cfg: ModelConfig) -> step.StepPair:
+        pairs.append(step.StepPair(cfg, VOCAB, BATCH))
+        return pairs[-1]
+
+    yield make
+    for pair in pairs:
+        pair.close()
+
+
 def config(**overrides) -> ModelConfig:
     base = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, seq_length=16)
     return ModelConfig(**{**base, **overrides})
@@ -28,8 +42,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_plain_gpt_matches_megalite_loss_and_gradients(variant, solo_groups):
-    pair = step.StepPair(config(**VARIANTS[variant]), solo_groups, VOCAB, BATCH)
+def test_plain_gpt_matches_megalite_loss_and_gradients(variant, make_pair):
+    pair = make_pair(config(**VARIANTS[variant]))
     megalite_loss, plain_loss = pair.megalite_forward_backward(), pair.plain_forward_backward()
     assert abs(megalite_loss - plain_loss) <= 1e-5 * abs(plain_loss)
     grads = pair.pairs("grad")
@@ -38,10 +52,10 @@ def test_plain_gpt_matches_megalite_loss_and_gradients(variant, solo_groups):
         assert _rel(ours, theirs) < 1e-5, name
 
 
-def test_an_adamw_step_keeps_the_models_equal(solo_groups):
+def test_an_adamw_step_keeps_the_models_equal(make_pair):
     # No biases: Adam's first step is ~lr * sign(g), and the key bias has an exactly-zero gradient whose fp32
     # rounding noise would decide its sign.
-    pair = step.StepPair(config(disable_bias_linear=True), solo_groups, VOCAB, BATCH)
+    pair = make_pair(config(disable_bias_linear=True))
     for _ in range(2):
         pair.megalite_step()
         pair.plain_step()
@@ -50,8 +64,8 @@ def test_an_adamw_step_keeps_the_models_equal(solo_groups):
     assert abs(pair.megalite_forward_backward() - pair.plain_forward_backward()) < 1e-5
 
 
-def test_the_comparison_sees_a_wrong_qkv_layout(solo_groups):
-    pair = step.StepPair(config(), solo_groups, VOCAB, BATCH)
+def test_the_comparison_sees_a_wrong_qkv_layout(make_pair):
+    pair = make_pair(config())
     with torch.no_grad():
         qkv = pair.model.layers["0"].attention.qkv.weight
         pair.plain.blocks[0].qkv.weight.copy_(qkv)  # megalite's per-head [q, k, v] rows, not re-ordered
