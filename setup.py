@@ -24,7 +24,7 @@ setup(
     ext_modules=[extension],
     cmdclass={"build_ext": build_ext},
     # Any torch from 2.4 on works; CPU machines should install torch==2.13.0 (see README).
-    install_requires=["torch>=2.4", "numpy>=1.24", "tokenizers>=0.15"],
+    install_requires=["torch>=2.4", "numpy>=1.24", "tokenizers>=0.15", "safetensors>=0.4"],
     extras_require={
         "test": ["pytest>=7", "pytest-xdist>=3"],
         # Optional fast kernels, imported lazily. Never the PyPI package named "apex".

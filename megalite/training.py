@@ -106,7 +106,7 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
                      f"{math.exp(min(val, 50)):.2f}")
             log.scalars(state.iteration, {"val_loss": val})
         if t.save and t.save_interval and state.iteration % t.save_interval == 0:
-            save_checkpoint(t.save, state, run.model, run.optimizer, run.context.rng, checkpoint_meta(run))
+            save_checkpoint(t.save, state, run, checkpoint_meta(run))
         if t.exit_interval and state.iteration % t.exit_interval == 0:
             break
     return state
@@ -136,17 +136,21 @@ def pretrain(config) -> TrainState:
     train_ds, valid_ds, _ = build_gpt_datasets(config, tokenizer, (derived.train_samples, eval_samples, 0))
     state = TrainState()
     if t.load and latest_iteration(t.load) is not None:
-        state = load_checkpoint(t.load, run.model, run.optimizer, run.context.rng, checkpoint_meta(run),
-                                load_optim=not t.no_load_optim, load_rng=not t.no_load_rng, finetune=t.finetune)
+        loaded = load_checkpoint(t.load, run, checkpoint_meta(run), load_optim=not t.no_load_optim,
+                                 load_rng=not t.no_load_rng, finetune=t.finetune)
+        state = loaded.state
         if run.logs:
-            print(f"resumed from {t.load} at iteration {state.iteration}", flush=True)
+            print(f"resumed from {loaded.directory} at iteration {state.iteration}"
+                  + ("" if loaded.rng_restored or t.no_load_rng or t.finetune else
+                     " (saved under another layout: weights, optimizer state, counters and data position restored; "
+                     "dropout streams seeded from --seed)"), flush=True)
     log = Logger(run)
     log.line(f"model: {sum(p.numel() for p in run.model.parameters()):,} parameters on this rank; "
              f"layout {json.dumps(checkpoint_meta(run)['layout'])}")
     log.line(rank_memory_estimate(config, derived, run.chunks, run.schedule(), run.groups, run.device.type).line())
     state = train(run, train_ds, valid_ds, state, log)
     if t.save and not (t.save_interval and state.iteration % t.save_interval == 0):
-        save_checkpoint(t.save, state, run.model, run.optimizer, run.context.rng, checkpoint_meta(run))
+        save_checkpoint(t.save, state, run, checkpoint_meta(run))
     ps.destroy_model_parallel(run.groups)
     return state
 

@@ -88,8 +88,10 @@ class SelfAttention(torch.nn.Module):
         bias = not cfg.disable_bias_linear
         # Per key/value group: the group's query heads, then its key, then its value (TP splits whole groups).
         qkv_out = (cfg.num_attention_heads + 2 * (cfg.num_query_groups or cfg.num_attention_heads)) * self.head_dim
+        groups_total = cfg.num_query_groups or cfg.num_attention_heads
         self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, groups.tp, context, bias=bias,
-                                        std=cfg.init_method_std)
+                                        std=cfg.init_method_std,
+                                        logical_rows=(groups_total, self.heads_per_group + 2, self.head_dim))
         self.proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, groups.tp, context,
                                       bias=bias, std=output_std(cfg))
 

@@ -101,7 +101,8 @@ class ColumnParallelLinear(torch.nn.Module):
 
     Input: [s, b, in] replicated (or [s/t, b, in] with sequence parallelism, all-gathered inside).
     Output: [s, b, out/t], or [s, b, out] with `gather_output`. `stride` > 1 shards each of `stride` stacked
-    blocks of the output dimension separately (SwiGLU's [gate; up]).
+    blocks of the output dimension separately (SwiGLU's [gate; up]). `logical_rows` is how checkpoints see the
+    output dimension (e.g. the fused QKV rows as [query groups, heads per group + 2, head size]).
     """
 
     def __init__(
@@ -115,17 +116,20 @@ class ColumnParallelLinear(torch.nn.Module):
         gather_output: bool = False,
         std: float = 0.02,
         stride: int = 1,
+        logical_rows: tuple[int, ...] | None = None,
     ):
         super().__init__()
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         if out_features % (size * stride):
             raise ValueError(f"output features {out_features} not divisible by TP size {size} x stride {stride}")
         self.group, self.context, self.gather_output = group, context, gather_output
-        w = ShardSpec((out_features, in_features), dim=0, rank=rank, size=size, stride=stride, std=std)
+        w = ShardSpec((out_features, in_features), dim=0, rank=rank, size=size, stride=stride, std=std,
+                      logical_shape=None if logical_rows is None else (*logical_rows, in_features))
         self.weight = set_spec(torch.nn.Parameter(torch.empty(w.local_shape)), w)
         self.bias = None
         if bias:
-            b = ShardSpec((out_features,), dim=0, rank=rank, size=size, stride=stride, init="zeros")
+            b = ShardSpec((out_features,), dim=0, rank=rank, size=size, stride=stride, init="zeros",
+                          logical_shape=logical_rows)
             self.bias = set_spec(torch.nn.Parameter(torch.empty(b.local_shape)), b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

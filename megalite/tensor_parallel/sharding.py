@@ -7,6 +7,7 @@ The same spec gathers shards back into the full tensor (tests, checkpoints).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +41,10 @@ class ShardSpec:
     replicated_over: tuple[str, ...] = ()
     data_parallel_group: str = "dp_cp"
     """Group whose ranks hold copies trained on different data: gradients are summed over it ("edp" for experts)."""
+    logical_shape: tuple[int, ...] | None = None
+    """How checkpoints and converters see the full tensor: a view of `full_shape` that splits the sharded dimension
+    into several (e.g. the fused QKV rows as [query groups, heads per group + 2, head size]), the shard being a
+    slice of the first of them. Default: `full_shape`; with `stride` > 1 the blocks become a leading dimension."""
 
     @property
     def local_shape(self) -> tuple[int, ...]:
@@ -48,6 +53,21 @@ class ShardSpec:
         shape = list(self.full_shape)
         shape[self.dim] //= self.size
         return tuple(shape)
+
+    def logical(self) -> tuple[tuple[int, ...], int | None]:
+        """(the logical shape, the logical dimension this rank's shard is a slice of; None if not sharded), so that
+        every rank's shard is a box of the logical tensor (see `logical_shape`)."""
+        full, d = self.full_shape, self.dim
+        if d is not None and self.stride > 1:
+            return (*full[:d], self.stride, full[d] // self.stride, *full[d + 1:]), d + 1
+        shape = self.logical_shape or full
+        if d is None:
+            return shape, None
+        outer = math.prod(full[:d])
+        for i in range(len(shape)):
+            if math.prod(shape[:i]) == outer:
+                return shape, i
+        raise ValueError(f"logical shape {shape} does not split the dimensions of {full}")
 
     def shard(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's shard of the full tensor."""

@@ -7,13 +7,14 @@ import torch.distributed as dist
 
 from megalite import parallel_state as ps
 from megalite.arguments import parse_args, resolve
+from megalite.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megalite.data.gpt_dataset import document_position_ids
 from megalite.distributed import init_distributed
 from megalite.engine.losses import CrossEntropyLoss, Loss
 from megalite.engine.setup import setup
 from megalite.engine.step import forward_backward, optimizer_step
 from megalite.tensor_parallel import gather_full, get_spec
-from megalite.training import global_batch
+from megalite.training import checkpoint_meta, global_batch
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
@@ -46,21 +47,30 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return sample
 
 
-def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None, loss: Loss | None = None) -> dict:
+def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None, loss: Loss | None = None,
+                      save: tuple[str, int] | None = None, load: str | None = None) -> dict:
     """Run `steps` optimizer steps with the flags `argv` on the current world (with `loss`, on a dataset with the
-    extra fields); return this rank's losses and its parameters gathered to full tensors (keyed by global name) and
-    whether it logs the loss."""
+    extra fields); with `load`, first resume from that checkpoint directory; with `save` = (directory, iteration),
+    save a checkpoint when that iteration is reached. Return this rank's losses, its parameters gathered to full
+    tensors (keyed by global name) and whether it logs the loss."""
     init_distributed("gloo")
     config, derived = resolve(parse_args(argv), dist.get_world_size())
     run = setup(config, derived)
-    dataset = SyntheticDataset(config.model.vocab_size, config.model.seq_length, steps * derived.global_batch_size,
+    dataset = SyntheticDataset(config.model.vocab_size, config.model.seq_length, 1 << 30,
                                documents=config.data.reset_position_ids, extras=loss is not None)
+    state = TrainState()
+    if load is not None:
+        state = load_checkpoint(load, run, checkpoint_meta(run)).state
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         run.reducer.zero_grad()
-        batches = global_batch(run, dataset, step * derived.global_batch_size)
+        batches = global_batch(run, dataset, state.consumed_samples)
         losses.append(forward_backward(run, batches, loss or CrossEntropyLoss()).loss)
         optimizer_step(run, lr if lr is not None else config.training.lr)
+        state.iteration += 1
+        state.consumed_samples += derived.global_batch_size
+        if save is not None and state.iteration == save[1]:
+            save_checkpoint(save[0], state, run, checkpoint_meta(run))
     params = {
         name: gather_full(p.detach().float(), get_spec(p), getattr(run.groups, get_spec(p).group))
         for chunk in run.chunks for name, p in chunk.named_parameters()
