@@ -17,7 +17,7 @@ from megalite.config import SECTIONS, MegaliteConfig, field_docs
 from megalite.validation import ConfigError, Defaults, flag_name, split_weights, validate
 
 __all__ = ["ConfigError", "Derived", "build_parser", "config_from_namespace", "derive_train_length_from_epochs",
-           "parse_args", "resolve", "to_argv", "weighted_data_paths"]
+           "fill_fields", "parse_args", "resolve", "to_argv", "weighted_data_paths"]
 
 DEFAULT_TRAIN_ITERS = 200
 """Optimizer steps when none of --train-iters, --train-samples, --train-epochs is given."""
@@ -78,6 +78,18 @@ def config_from_namespace(ns: argparse.Namespace) -> MegaliteConfig:
         }
         sections[section] = cls(**given)
     return MegaliteConfig(**sections)
+
+
+def fill_fields(ns: argparse.Namespace, fields: dict[str, object], source: str) -> None:
+    """Set `fields` (config field -> value) on parsed flags; a flag given with another value is an error naming
+    both values and `source`."""
+    contradictions = [f"{flag_name(name)} {getattr(ns, name)} (the command line) contradicts {value} ({source})"
+                      for name, value in fields.items()
+                      if getattr(ns, name, None) is not None and getattr(ns, name) != value]
+    if contradictions:
+        raise ConfigError("\n".join(contradictions) + "\ndrop the flags, or load another model")
+    for name, value in fields.items():
+        setattr(ns, name, value)
 
 
 def parse_args(argv: list[str] | None = None) -> MegaliteConfig:

@@ -11,11 +11,45 @@ import ast
 import dataclasses
 import functools
 import inspect
+import math
 import textwrap
 from dataclasses import dataclass, field
 from typing import Literal
 
 RANK_ORDER_DIMS = ("tp", "cp", "ep", "dp", "pp")
+
+
+def moe_layer_pattern(freq: str | int, num_layers: int) -> list[bool]:
+    """--moe-layer-freq as one flag per layer: 'N' makes layer i MoE when i % N == 0; a list '[1,0,...]' or an
+    expression of lists, '+' and '*' ('([1]*3+[0])*2', Megatron's form) gives the pattern itself, one entry per
+    layer. Raises ValueError (naming the problem) for anything else; the expression is parsed, never evaluated."""
+    text = str(freq).strip()  # an int from Python code is the same as the flag N
+    if text.isdigit():
+        n = int(text)
+        if n < 1:
+            raise ValueError(f"--moe-layer-freq {freq!r}: an integer must be at least 1")
+        return [i % n == 0 for i in range(num_layers)]
+
+    def value(node: ast.AST) -> list[int] | int:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError(f"--moe-layer-freq {freq!r}: only integers, lists, '+' and '*' are allowed")
+
+    try:
+        pattern = value(ast.parse(text, mode="eval").body)
+    except (SyntaxError, TypeError) as e:
+        raise ValueError(f"--moe-layer-freq {freq!r}: not an integer or a list pattern ({e})") from e
+    if not isinstance(pattern, list) or any(x not in (0, 1) for x in pattern):
+        raise ValueError(f"--moe-layer-freq {freq!r}: the pattern must be a list of 0 and 1")
+    if len(pattern) != num_layers:
+        raise ValueError(f"--moe-layer-freq {freq!r}: the pattern has {len(pattern)} entries for --num-layers "
+                         f"{num_layers}")
+    return [bool(x) for x in pattern]
 
 
 @dataclass
@@ -62,12 +96,15 @@ class ModelConfig:
     """Number of attention (query) heads."""
     num_query_groups: int | None = None
     """Key/value head groups for grouped-query attention; unset means one per head (multi-head attention)."""
+    kv_channels: int | None = None
+    """Head size (query, key and value channels per head); defaults to hidden size / attention heads."""
     seq_length: int = 128
     """Tokens per training sample."""
     vocab_size: int | None = None
-    """Vocabulary size; defaults to the tokenizer's, padded as --make-vocab-size-divisible-by says."""
+    """Vocabulary size (the ids that exist); defaults to the tokenizer's. The model pads its embedding and output
+    layer as --make-vocab-size-divisible-by says; padded ids take no part in the softmax."""
     make_vocab_size_divisible_by: int = 128
-    """Pad the vocabulary to a multiple of this times the tensor-parallel size."""
+    """Pad the vocabulary to a multiple of this (independent of the layout, so checkpoints travel)."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     """Normalization layer."""
     norm_epsilon: float = 1e-5
@@ -80,6 +117,10 @@ class ModelConfig:
     """Give the output layer its own weight instead of sharing the input embedding's."""
     disable_bias_linear: bool = False
     """Linear layers without bias."""
+    add_qkv_bias: bool = False
+    """A bias on the query/key/value projection even with --disable-bias-linear (Qwen2)."""
+    qk_layernorm: bool = False
+    """Normalise every query and key head over the head size (the --normalization kind) before rotary (Qwen3)."""
     hidden_dropout: float = 0.0
     """Dropout probability after attention and MLP."""
     attention_dropout: float = 0.0
@@ -92,8 +133,9 @@ class ModelConfig:
     """Attention kernel; 'auto' picks the fastest importable one."""
     num_experts: int | None = None
     """Number of MoE experts; unset means a dense model."""
-    moe_layer_freq: int = 1
-    """Every this-many-th layer is an MoE layer (1: all layers)."""
+    moe_layer_freq: str = "1"
+    """Which layers are MoE: N (every N-th layer from layer 0; 1: all), or a 0/1 pattern over the layers written as a
+    list '[1,0,1,1]' or Megatron's expression '([1]*3+[0])*2'."""
     moe_router_topk: int = 2
     """Experts chosen per token."""
     moe_ffn_hidden_size: int | None = None
@@ -118,8 +160,26 @@ class ModelConfig:
     """Which tokens to drop over capacity: lowest router probability, or latest position."""
     moe_shared_expert_intermediate_size: int | None = None
     """Hidden size of the shared expert every token goes through; unset means none."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by a per-token gate sigmoid(x W_g) (Qwen2-MoE)."""
     moe_token_dispatcher_type: Literal["alltoall"] = "alltoall"
     """Token dispatcher."""
+
+    @property
+    def head_size(self) -> int:
+        """Channels per attention head: --kv-channels, else hidden size / heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The embedding's and the output layer's rows: the vocabulary padded to --make-vocab-size-divisible-by."""
+        if self.vocab_size is None:
+            raise ValueError("the vocabulary size is not known yet (set --vocab-size or load the tokenizer)")
+        return math.ceil(self.vocab_size / self.make_vocab_size_divisible_by) * self.make_vocab_size_divisible_by
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer `layer` has an MoE feed-forward block."""
+        return bool(self.num_experts) and moe_layer_pattern(self.moe_layer_freq, self.num_layers)[layer]
 
 
 @dataclass

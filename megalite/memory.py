@@ -50,7 +50,7 @@ def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp
     cuda = device_type == "cuda"
     tokens = seq * micro_batch
     local = tokens / (tp if sequence_parallel else 1)
-    head_dim = h // model.num_attention_heads
+    head_dim = model.head_size
     outside = local * h * 3 * w  # the inputs of the two norms and of the QKV linear
     if model.hidden_dropout > 0:
         outside += 2 * local * h * (1 if cuda else w)
@@ -59,6 +59,8 @@ def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp
     heads, kv_heads = model.num_attention_heads / tp, query_groups / tp
     attention = tokens * head_dim * w * (2 * heads + 2 * kv_heads)  # Q, K, V; the output (= projection input)
     attention += 2 * seq * head_dim * w  # rotary cos and sin tables, whole on every rank
+    if model.qk_layernorm:  # the norms' inputs (Q and K before the norm) and their statistics (not byte-checked)
+        attention += tokens * head_dim * w * (heads + kv_heads) + tokens * (heads + kv_heads) * 4
     if not selective:
         attention += 4 * micro_batch * heads * seq  # float32 log-sum-exp
     if moe:
@@ -128,19 +130,20 @@ def estimate_memory(params: list[torch.nn.Parameter], config: MegaliteConfig, de
         query_groups=derived.num_query_groups, ffn_hidden_size=derived.ffn_hidden_size,
         selective=m.recompute_granularity == "selective",
     )
-    if m.num_experts:  # every moe_layer_freq-th layer is an MoE layer
+    if m.num_experts:  # the share of MoE layers (--moe-layer-freq), averaged over the layers
         moe_layer = layer_activation_bytes(
             m, seq=s, micro_batch=b, tp=tp, sequence_parallel=sp, dtype_bytes=width, device_type=device_type,
             query_groups=derived.num_query_groups, ffn_hidden_size=derived.ffn_hidden_size,
             selective=m.recompute_granularity == "selective", moe=True,
             expert_tp=derived.expert_tensor_parallel_size,
         )
-        per_layer += (moe_layer - per_layer) / m.moe_layer_freq
+        moe_share = sum(m.is_moe_layer(i) for i in range(m.num_layers)) / m.num_layers
+        per_layer += (moe_layer - per_layer) * moe_share
     layer_input = s * b * m.hidden_size * width / (tp if sp else 1)
     if m.recompute_granularity == "full":
         activations = (layer_input * layers_on_rank + per_layer) * in_flight_microbatches
     else:
         activations = per_layer * layers_on_rank * in_flight_microbatches
     if has_output_layer:
-        activations += s * b * (m.vocab_size // tp) * (width + 8)
+        activations += s * b * (m.padded_vocab_size // tp) * (width + 8)
     return MemoryEstimate(params=n * width, grads=n * 4, optimizer=optimizer, activations=activations)

@@ -8,10 +8,13 @@ gradient exactly.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,10 +25,12 @@ from megalite.arguments import (
     build_parser,
     config_from_namespace,
     derive_train_length_from_epochs,
+    fill_fields,
     resolve,
     to_argv,
 )
 from megalite.checkpoint import TrainState, latest_iteration, load_checkpoint, save_checkpoint
+from megalite.checkpoint.hf_config import flags_of, is_hf_directory, model_fields, read_hf_config
 from megalite.distributed import init_distributed, launched_world_size
 from megalite.engine.batches import Batch, microbatches
 from megalite.engine.log import Logger, aux_loss_summary, bubbles
@@ -121,13 +126,12 @@ def pretrain(config) -> TrainState:
     config, derived = resolve(config, dist.get_world_size())
     tokenizer = build_tokenizer(config.data)
     config = with_vocab_size(config, tokenizer.vocab_size)
-    vocab = config.model.vocab_size
     if derived.train_iters is None:
         config, iters = derive_train_length_from_epochs(config, samples_per_epoch(config, tokenizer))
         derived = dataclasses.replace(derived, train_iters=iters, train_samples=config.training.train_samples)
     if dist.get_rank() == 0:
         print(derived.table(), flush=True)
-        print(f"vocabulary: {tokenizer.vocab_size} tokens, padded to {vocab}", flush=True)
+        print(f"vocabulary: {config.model.vocab_size} tokens, padded to {config.model.padded_vocab_size}", flush=True)
     run = setup(config, derived)
     t = config.training
     eval_samples = 0
@@ -135,7 +139,7 @@ def pretrain(config) -> TrainState:
         eval_samples = (derived.train_iters // t.eval_interval + 1) * t.eval_iters * derived.global_batch_size
     train_ds, valid_ds, _ = build_gpt_datasets(config, tokenizer, (derived.train_samples, eval_samples, 0))
     state = TrainState()
-    if t.load and latest_iteration(t.load) is not None:
+    if t.load and (is_hf_directory(t.load) or latest_iteration(t.load) is not None):
         loaded = load_checkpoint(t.load, run, checkpoint_meta(run), load_optim=not t.no_load_optim,
                                  load_rng=not t.no_load_rng, finetune=t.finetune)
         state = loaded.state
@@ -155,14 +159,32 @@ def pretrain(config) -> TrainState:
     return state
 
 
+def model_flags_from_hf(ns: argparse.Namespace) -> str | None:
+    """With --load pointing at a Hugging Face model directory: its config.json sets the model flags (a contradicting
+    flag is an error) and its tokenizer.json the tokenizer; returns the line that says so, else None."""
+    if not ns.load or not is_hf_directory(ns.load):
+        return None
+    config_path = Path(ns.load) / "config.json"
+    fields = model_fields(read_hf_config(ns.load), str(config_path))
+    tokenizer = Path(ns.load) / "tokenizer.json"
+    if ns.tokenizer_model is None and tokenizer.is_file():
+        fields |= {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tokenizer)}
+    fill_fields(ns, fields, str(config_path))
+    return f"model flags from {config_path}: {' '.join(flags_of(fields))}"
+
+
 def main(argv: list[str]) -> int:
     """`megalite train`: validate the flags, print the derived values and train."""
     parser = build_parser()
-    config = config_from_namespace(parser.parse_args(argv))
+    ns = parser.parse_args(argv)
     try:
+        from_hf = model_flags_from_hf(ns)
+        config = config_from_namespace(ns)
         resolve(config, launched_world_size())
     except ConfigError as e:
         parser.error(str(e))
+    if from_hf and int(os.environ.get("RANK", "0")) == 0:
+        print(from_hf, flush=True)
     pretrain(config)
     dist.destroy_process_group()
     return 0

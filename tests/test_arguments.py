@@ -34,7 +34,12 @@ RULE_CASES = {
     "shared_expert_divisible_by_tp": (
         ["--tensor-model-parallel-size", "2", "--num-experts", "4", "--moe-shared-expert-intermediate-size", "33"],
         2, "--moe-shared-expert-intermediate-size 33"),
-    "moe_layer_freq_positive": (["--num-experts", "4", "--moe-layer-freq", "0"], 1, "--moe-layer-freq 0"),
+    "shared_expert_gate_needs_shared_expert": (["--num-experts", "4", "--moe-shared-expert-gate"], 1,
+                                              "--moe-shared-expert-intermediate-size"),
+    "moe_layer_freq_well_formed": (["--num-experts", "4", "--moe-layer-freq", "[1,0]"], 1,
+                                   "the pattern has 2 entries for --num-layers 4"),
+    "vocabulary_divisible_by_tp": (["--tensor-model-parallel-size", "2", "--vocab-size", "101",
+                                    "--make-vocab-size-divisible-by", "25"], 2, "raise --make-vocab-size-divisible-by"),
     "layers_divisible_by_pp": (["--pipeline-model-parallel-size", "3", "--num-layers", "4"], 3, "--num-layers 4"),
     "interleaving_flags_agree": (["--pipeline-schedule", "interleaved", "--pipeline-model-parallel-size", "2"], 2,
                                  "needs --num-layers-per-virtual-pipeline-stage"),

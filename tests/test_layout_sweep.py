@@ -112,6 +112,11 @@ FEATURES = {
     "untied": (["--untie-embeddings-and-output-weights"], False),
     "bias": (["--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01"], True),
     "sigmoid": (["--moe-router-score-function", "sigmoid"], True),
+    "qknorm_kv12": (["--qk-layernorm", "--kv-channels", "12"], False),  # Qwen3's attention
+    "qkvbias": (["--add-qkv-bias"], False),  # Qwen2's
+    "padded_vocab": (["--vocab-size", "100"], False),  # 28 padded ids, -inf logits
+    "shared_gate": (["--moe-shared-expert-gate"], True),  # Qwen2-MoE's
+    "moe_pattern": (["--moe-layer-freq", "([0]+[1])*3+[1,1]"], True),  # the list form (Qwen MoE's mlp_only_layers)
 }
 
 

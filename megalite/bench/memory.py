@@ -184,7 +184,8 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu
     try:
         context = ModelContext(ParallelKnobs(sequence_parallel=case.sequence_parallel),
                                RNGTracker.seeded(seed, groups.rank("tp"), device=torch.device(device)))
-        cfg = ModelConfig(
+        vocab = 64 * case.tp
+        cfg = ModelConfig(vocab_size=vocab, make_vocab_size_divisible_by=vocab,
             num_layers=1, hidden_size=shape.hidden_size, ffn_hidden_size=4 * shape.hidden_size,
             num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
             swiglu=shape.swiglu, seq_length=shape.seq_length, normalization=shape.normalization,
@@ -194,8 +195,7 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu
             hidden_dropout=0.1, attention_dropout=case.attention_dropout, attention_backend=case.backend,
             recompute_granularity="selective" if case.selective else None,
         )
-        vocab = 64 * case.tp
-        model = GPTModel(cfg, groups, context, vocab_size=vocab)
+        model = GPTModel(cfg, groups, context)
         model.initialize(seed)
         model.to(device=device, dtype=torch.bfloat16).train()
         layer = next(iter(model.layers.values()))

@@ -170,7 +170,8 @@ class StepPair:
         self.cfg = cfg
         self.train = TrainingConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0, micro_batch_size=micro_batch_size,
                                     seed=seed)
-        config, derived = resolve(MegaliteConfig(model=dataclasses.replace(cfg, vocab_size=vocab_size),
+        model = dataclasses.replace(cfg, vocab_size=vocab_size, make_vocab_size_divisible_by=1)  # no padded rows
+        config, derived = resolve(MegaliteConfig(model=model,
                                                  training=self.train), 1)
         self.run = setup(config, derived)
         self.model = self.run.chunks[0]

@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 from megalite.checkpoint.boxes import Box, segment_boxes, shard_box, split_flat
+from megalite.checkpoint.hf_config import is_hf_directory
+from megalite.checkpoint.hf_tensors import HFReader
 from megalite.checkpoint.store import BoxReader, BoxWriter, merge_entries, read_json
 from megalite.engine.setup import tied_copies
 from megalite.optim.optimizer import counted_once
@@ -47,9 +49,10 @@ if TYPE_CHECKING:
 
 FORMAT = "megalite-checkpoint/1"
 PARAMETER_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size",
-    "normalization", "swiglu", "untie_embeddings_and_output_weights", "disable_bias_linear", "num_experts",
-    "moe_layer_freq", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_enable_expert_bias",
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "vocab_size", "make_vocab_size_divisible_by", "normalization", "swiglu", "untie_embeddings_and_output_weights",
+    "disable_bias_linear", "add_qkv_bias", "qk_layernorm", "num_experts", "moe_layer_freq", "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_enable_expert_bias",
 )
 """Model settings that decide which tensors exist and their shapes: a checkpoint loads only where they agree."""
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
@@ -240,7 +243,7 @@ def read_index(directory: Path, where: str) -> dict:
     return index
 
 
-def _load_model(reader: BoxReader, run: Run) -> None:
+def _load_model(reader: BoxReader | HFReader, run: Run) -> None:
     with torch.no_grad():
         for name, t in _model_tensors(run):
             shape, box = shard_box(get_spec(t))
@@ -272,7 +275,15 @@ def _load_optimizer(reader: BoxReader, run: Run, scalars: dict) -> None:
 
 def load_checkpoint(root: str, run: Run, meta: dict, *, load_optim: bool = True, load_rng: bool = True,
                     finetune: bool = False) -> Loaded:
-    """Restore this rank's part of the newest complete checkpoint under the current layout; refuse another model."""
+    """Restore this rank's part of the newest complete checkpoint under the current layout; refuse another model.
+    `root` may also be a Hugging Face model directory: its weights are read (each rank its slices), the optimizer
+    starts from them and the counters from zero."""
+    if is_hf_directory(root):
+        with HFReader(Path(root), run.config.model) as reader:
+            _load_model(reader, run)
+        if run.optimizer is not None:
+            run.optimizer.reload_from_model()
+        return Loaded(TrainState(), Path(root), False)
     iteration = latest_iteration(root)
     if iteration is None:
         raise ConfigError(f"--load {root}: no complete checkpoint there (no iter_* directory); check the path")

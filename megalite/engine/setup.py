@@ -4,7 +4,6 @@ model its gradient reducer and optimizer. A frozen model (e.g. an RL reference) 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,17 +24,10 @@ from megalite.pipeline.validate import peak_activations
 from megalite.tensor_parallel.random import RNGTracker
 
 
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """The vocabulary padded up to a multiple of --make-vocab-size-divisible-by (independent of the layout)."""
-    return math.ceil(vocab_size / multiple) * multiple
-
-
 def with_vocab_size(config: MegaliteConfig, tokenizer_vocab: int) -> MegaliteConfig:
-    """`config` with the model's vocabulary: --vocab-size, else the tokenizer's padded to
-    --make-vocab-size-divisible-by."""
+    """`config` with the model's vocabulary: --vocab-size, else the tokenizer's (the model pads it)."""
     m = config.model
-    vocab = m.vocab_size or padded_vocab_size(tokenizer_vocab, m.make_vocab_size_divisible_by)
-    return dataclasses.replace(config, model=dataclasses.replace(m, vocab_size=vocab))
+    return dataclasses.replace(config, model=dataclasses.replace(m, vocab_size=m.vocab_size or tokenizer_vocab))
 
 
 def knobs_of(config: MegaliteConfig) -> ParallelKnobs:
@@ -118,7 +110,7 @@ def build_chunks(config: MegaliteConfig, groups: ProcessGroups, context: ModelCo
         # Built on the device (moving a module may replace its parameters, and with them their shard specs);
         # on the meta device (`megalite plan memory`) there is nothing to initialise.
         with device:
-            chunk = GPTModel(m, groups, context, vocab_size=m.vocab_size,
+            chunk = GPTModel(m, groups, context,
                              layer_ids=list(range(s * per_stage, (s + 1) * per_stage)),
                              pre_process=s == 0, post_process=s == schedule.num_stages - 1)
         if device.type != "meta":

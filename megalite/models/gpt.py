@@ -79,19 +79,23 @@ class SelfAttention(torch.nn.Module):
         super().__init__()
         tp = groups.size("tp")
         self.context = context
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.num_groups = (cfg.num_query_groups or cfg.num_attention_heads) // tp
-        self.heads_per_group = cfg.num_attention_heads // (cfg.num_query_groups or cfg.num_attention_heads)
+        self.head_dim = cfg.head_size
+        groups_total = cfg.num_query_groups or cfg.num_attention_heads
+        self.num_groups = groups_total // tp
+        self.heads_per_group = cfg.num_attention_heads // groups_total
         self.dropout_p, self.backend = cfg.attention_dropout, cfg.attention_backend
         self.selective_recompute = cfg.recompute_granularity == "selective"
         self.cp_group, self.cp_ranks = groups.cp, groups.ranks["cp"]
         bias = not cfg.disable_bias_linear
         # Per key/value group: the group's query heads, then its key, then its value (TP splits whole groups).
-        qkv_out = (cfg.num_attention_heads + 2 * (cfg.num_query_groups or cfg.num_attention_heads)) * self.head_dim
-        groups_total = cfg.num_query_groups or cfg.num_attention_heads
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, groups.tp, context, bias=bias,
+        qkv_out = (cfg.num_attention_heads + 2 * groups_total) * self.head_dim
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_out, groups.tp, context, bias=bias or cfg.add_qkv_bias,
                                         std=cfg.init_method_std,
                                         logical_rows=(groups_total, self.heads_per_group + 2, self.head_dim))
+        self.q_norm = self.k_norm = None
+        if cfg.qk_layernorm:  # one weight over the head size; each TP rank normalises other heads: summed over TP
+            self.q_norm = build_norm(cfg.normalization, self.head_dim, cfg.norm_epsilon, tp > 1)
+            self.k_norm = build_norm(cfg.normalization, self.head_dim, cfg.norm_epsilon, tp > 1)
         self.proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, groups.tp, context,
                                       bias=bias, std=output_std(cfg))
 
@@ -117,6 +121,8 @@ class SelfAttention(torch.nn.Module):
         # Q and K become new tensors through rotary; V is copied too, or the kernel saving it (a view) would keep
         # the whole fused QKV output alive for backward: 4 s b h / t bytes more per layer (docs/activation_memory.md)
         q, k, v = q.reshape(s, b, -1, self.head_dim), k.squeeze(3), v.squeeze(3).contiguous()
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         out = recompute(self.context, self.core, q, k, v) if self.selective_recompute else self.core(q, k, v)
@@ -124,8 +130,8 @@ class SelfAttention(torch.nn.Module):
 
 
 def build_mlp(cfg: ModelConfig, groups: ProcessGroups, context: ModelContext, layer: int) -> torch.nn.Module:
-    """The feed-forward block of global layer `layer`: dense, or MoE on every --moe-layer-freq-th layer."""
-    if cfg.num_experts and layer % cfg.moe_layer_freq == 0:
+    """The feed-forward block of global layer `layer`: dense, or MoE where --moe-layer-freq says."""
+    if cfg.is_moe_layer(layer):
         return MoELayer(cfg, groups, context, layer)
     return MLP(cfg, groups, context, output_std=output_std(cfg))
 
@@ -155,8 +161,9 @@ class GPTModel(torch.nn.Module):
 
     `layer_ids` are the global indices of the layers held (default: all); `pre_process` adds the embedding and
     `post_process` the final norm and output layer. Parameter names use global layer indices, so the same seed
-    initialises the same model whatever the layout. `vocab_size` is the padded vocabulary. `context` is shared by
-    every chunk of the model on this rank; its knobs at construction say how the model is laid out.
+    initialises the same model whatever the layout. The embedding and output layer have `cfg.padded_vocab_size`
+    rows; the logits of the padded ids are -inf, so they take no part in any softmax. `context` is shared by every
+    chunk of the model on this rank; its knobs at construction say how the model is laid out.
     """
 
     def __init__(
@@ -165,7 +172,6 @@ class GPTModel(torch.nn.Module):
         groups: ProcessGroups,
         context: ModelContext,
         *,
-        vocab_size: int,
         layer_ids: list[int] | None = None,
         pre_process: bool = True,
         post_process: bool = True,
@@ -176,6 +182,7 @@ class GPTModel(torch.nn.Module):
         self.tied = not cfg.untie_embeddings_and_output_weights
         self.full_recompute = cfg.recompute_granularity == "full"
         layer_ids = list(range(cfg.num_layers)) if layer_ids is None else layer_ids
+        vocab_size = cfg.padded_vocab_size
         if pre_process or (post_process and self.tied):
             self.embedding = VocabParallelEmbedding(vocab_size, cfg.hidden_size, groups.tp, context,
                                                     std=cfg.init_method_std)
@@ -187,6 +194,10 @@ class GPTModel(torch.nn.Module):
                 spec = ShardSpec((vocab_size, cfg.hidden_size), dim=0, rank=groups.rank("tp"), size=groups.size("tp"),
                                  std=cfg.init_method_std)
                 self.output_weight = set_spec(torch.nn.Parameter(torch.empty(spec.local_shape)), spec)
+            per_rank = vocab_size // groups.size("tp")
+            first_padded = cfg.vocab_size - groups.rank("tp") * per_rank  # local index of the first padded id
+            padded = torch.arange(per_rank) >= first_padded if first_padded < per_rank else None
+            self.register_buffer("padded_ids", padded, persistent=False)
 
     def initialize(self, seed: int) -> None:
         """Every parameter: its shard of the full tensor drawn from (seed, global parameter name)."""
@@ -215,8 +226,7 @@ class GPTModel(torch.nn.Module):
         if position_ids is None:
             s = tokens.shape[1] if tokens is not None else hidden.shape[0] * (self.groups.size("tp") if split else 1)
             position_ids = torch.arange(s, device=hidden.device).unsqueeze(0)
-        head_dim = self.cfg.hidden_size // self.cfg.num_attention_heads
-        rotary = rotary_cos_sin(position_ids, head_dim, self.cfg.rotary_base, hidden.dtype)
+        rotary = rotary_cos_sin(position_ids, self.cfg.head_size, self.cfg.rotary_base, hidden.dtype)
         for layer in self.layers.values():
             if self.full_recompute:
                 hidden = recompute(self.context, lambda h, cos, sin, layer=layer: layer(h, (cos, sin)), hidden,
@@ -227,4 +237,7 @@ class GPTModel(torch.nn.Module):
             return hidden
         hidden = self.final_norm(hidden)
         weight = self.embedding.weight if self.tied else self.output_weight
-        return column_parallel_linear(hidden, weight, None, self.groups.tp, self.context).transpose(0, 1)
+        logits = column_parallel_linear(hidden, weight, None, self.groups.tp, self.context)
+        if self.padded_ids is not None:
+            logits = logits.masked_fill(self.padded_ids, float("-inf"))
+        return logits.transpose(0, 1)

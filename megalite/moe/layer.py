@@ -19,7 +19,8 @@ from megalite.moe.experts import LocalExperts
 from megalite.moe.router import TopKRouter
 from megalite.parallel_state import ProcessGroups
 from megalite.tensor_parallel import mappings
-from megalite.tensor_parallel.layers import sequence_parallel
+from megalite.tensor_parallel.layers import linear, sequence_parallel
+from megalite.tensor_parallel.sharding import ShardSpec, set_spec
 
 
 class MoELayer(torch.nn.Module):
@@ -27,7 +28,8 @@ class MoELayer(torch.nn.Module):
 
     Parameters: `router.weight` [E, h]; `experts.<global index>.fc1.weight` / `.fc2.weight` for the local experts;
     `shared_expert.*` (a dense tensor-parallel MLP every token goes through) with
-    --moe-shared-expert-intermediate-size.
+    --moe-shared-expert-intermediate-size, and `shared_expert_gate` [1, h] with --moe-shared-expert-gate (the shared
+    expert's output times sigmoid(x W_g), per token).
     """
 
     def __init__(self, cfg: ModelConfig, groups: ProcessGroups, context: ModelContext, layer: int):
@@ -42,10 +44,17 @@ class MoELayer(torch.nn.Module):
         self.router = TopKRouter(cfg, groups, context, layer)
         self.dispatcher = AllToAllDispatcher(cfg.num_experts, groups)
         self.experts = LocalExperts(cfg, groups, context, ffn, output_std(cfg))
-        self.shared_expert = None
+        self.shared_expert = self.shared_expert_gate = None
         if cfg.moe_shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg, groups, context, output_std=output_std(cfg),
                                      ffn_hidden_size=cfg.moe_shared_expert_intermediate_size)
+        if cfg.moe_shared_expert_gate:
+            if self.shared_expert is None:
+                raise ValueError("--moe-shared-expert-gate needs a shared expert (--moe-shared-expert-intermediate-size)")
+            # under sequence parallelism each TP rank gates other tokens: its gradient is summed over TP
+            spec = ShardSpec((1, cfg.hidden_size), std=cfg.init_method_std,
+                             replicated_over=("tp",) if sequence_parallel(context, groups.tp) else ())
+            self.shared_expert_gate = set_spec(torch.nn.Parameter(torch.empty(spec.local_shape)), spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, h] (replicated over TP) or [s/t, b, h] (sequence parallel) -> the same shape."""
@@ -59,7 +68,10 @@ class MoELayer(torch.nn.Module):
         if not split:
             y = mappings.gather_from_sequence_parallel_region(y, self.tp_group, grad_is_partial=False)
         if self.shared_expert is not None:
-            y = y + self.shared_expert(x)
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(linear(x, self.shared_expert_gate, None, self.context))
+            y = y + shared
         return y
 
 

@@ -1,7 +1,7 @@
 """Rules on the model: shapes, heads and query groups, MLP sizes, dropout, and mixture-of-experts."""
 from __future__ import annotations
 
-from megalite.config import MegaliteConfig
+from megalite.config import MegaliteConfig, moe_layer_pattern
 from megalite.validation.core import Defaults, flag_name
 
 
@@ -34,18 +34,35 @@ def heads_divisible_by_query_groups(c: MegaliteConfig, d: Defaults) -> str | Non
 
 def hidden_divisible_by_heads(c: MegaliteConfig, d: Defaults) -> str | None:
     h, heads = c.model.hidden_size, c.model.num_attention_heads
-    if heads < 1 or h % heads:
-        return f"--hidden-size {h} is not divisible by --num-attention-heads {heads}."
+    if c.model.kv_channels is None and (heads < 1 or h % heads):
+        return (f"--hidden-size {h} is not divisible by --num-attention-heads {heads}; set --kv-channels for a head "
+                "size of its own.")
     return None
 
 
 def head_dim_even_for_rotary(c: MegaliteConfig, d: Defaults) -> str | None:
-    h, heads = c.model.hidden_size, c.model.num_attention_heads
+    m = c.model
+    if m.kv_channels is not None:
+        if m.kv_channels < 2 or m.kv_channels % 2:
+            return f"--kv-channels {m.kv_channels} must be even and positive: rotary embeddings rotate pairs."
+        return None
+    h, heads = m.hidden_size, m.num_attention_heads
     if heads >= 1 and h % heads == 0 and (h // heads) % 2:
         return (
             f"head size --hidden-size {h} / --num-attention-heads {heads} = {h // heads} is odd; "
             "rotary embeddings need an even head size."
         )
+    return None
+
+
+def vocabulary_divisible_by_tp(c: MegaliteConfig, d: Defaults) -> str | None:
+    m, tp = c.model, c.parallel.tensor_model_parallel_size
+    if m.make_vocab_size_divisible_by < 1:
+        return f"--make-vocab-size-divisible-by {m.make_vocab_size_divisible_by} must be at least 1."
+    if m.vocab_size is not None and m.vocab_size >= 1 and tp >= 1 and m.padded_vocab_size % tp:
+        return (f"the vocabulary padded to {m.padded_vocab_size} (--vocab-size {m.vocab_size}, "
+                f"--make-vocab-size-divisible-by {m.make_vocab_size_divisible_by}) is not divisible by "
+                f"--tensor-model-parallel-size {tp}; raise --make-vocab-size-divisible-by to a multiple of {tp}.")
     return None
 
 
@@ -94,9 +111,21 @@ def shared_expert_divisible_by_tp(c: MegaliteConfig, d: Defaults) -> str | None:
     return None
 
 
-def moe_layer_freq_positive(c: MegaliteConfig, d: Defaults) -> str | None:
-    if c.model.moe_layer_freq < 1:
-        return f"--moe-layer-freq {c.model.moe_layer_freq} must be at least 1."
+def shared_expert_gate_needs_shared_expert(c: MegaliteConfig, d: Defaults) -> str | None:
+    m = c.model
+    if m.moe_shared_expert_gate and not (m.num_experts and m.moe_shared_expert_intermediate_size):
+        return "--moe-shared-expert-gate needs an MoE model with a shared expert: set --num-experts and " \
+               "--moe-shared-expert-intermediate-size."
+    return None
+
+
+def moe_layer_freq_well_formed(c: MegaliteConfig, d: Defaults) -> str | None:
+    if c.model.num_layers < 1:
+        return None
+    try:
+        moe_layer_pattern(c.model.moe_layer_freq, c.model.num_layers)
+    except ValueError as e:
+        return f"{e}."
     return None
 
 

@@ -147,6 +147,9 @@ def test_recomputation_logs_and_counts_once(solo_groups):
 
 
 def test_build_mlp_interleaves_dense_and_moe_layers(solo_groups):
-    kinds = [type(build_mlp(config(moe_layer_freq=2), solo_groups, ModelContext(), i)) for i in range(4)]
+    kinds = [type(build_mlp(config(moe_layer_freq=2, num_layers=4), solo_groups, ModelContext(), i)) for i in range(4)]
     assert kinds == [MoELayer, MLP, MoELayer, MLP]
+    pattern = config(moe_layer_freq="([0]+[1]*2)*2", num_layers=6)  # Megatron's list form: Qwen2-MoE's mlp_only
+    kinds = [type(build_mlp(pattern, solo_groups, ModelContext(), i)) for i in range(6)]
+    assert kinds == [MLP, MoELayer, MoELayer, MLP, MoELayer, MoELayer]
     assert type(build_mlp(config(num_experts=None), solo_groups, ModelContext(), 0)) is MLP

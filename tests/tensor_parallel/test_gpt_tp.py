@@ -17,7 +17,7 @@ VOCAB, SEQ, BATCH, SEED = 128, 8, 2, 7
 
 
 def model_config(gqa: bool, tied: bool, **overrides) -> ModelConfig:
-    return ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=64, num_attention_heads=8,
+    return ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=64, num_attention_heads=8, vocab_size=VOCAB,
                        num_query_groups=4 if gqa else None, seq_length=SEQ,
                        untie_embeddings_and_output_weights=not tied, **overrides)
 
@@ -35,7 +35,7 @@ def loss_and_grads(cfg: ModelConfig, tp: int, sp: bool, split_backward: bool = F
     pass afterwards, as zero-bubble schedules do); return the loss and every full (gathered) gradient."""
     groups = ps.initialize_model_parallel(tp=tp)
     context = ModelContext(ParallelKnobs(sequence_parallel=sp), RNGTracker.seeded(SEED, groups.rank("tp")))
-    model = GPTModel(cfg, groups, context, vocab_size=VOCAB, **model_kwargs)
+    model = GPTModel(cfg, groups, context, **model_kwargs)
     model.initialize(SEED)
     reducer = GradReducer(list(model.parameters()), groups)
     tokens, labels, mask = batch()
