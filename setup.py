@@ -26,7 +26,8 @@ setup(
     # Any torch from 2.4 on works; CPU machines should install torch==2.13.0 (see README).
     install_requires=["torch>=2.4", "numpy>=1.24", "tokenizers>=0.15", "safetensors>=0.4"],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3"],
+        # transformers: the reference for the Hugging Face import/export tests (tiny models built in the tests)
+        "test": ["pytest>=7", "pytest-xdist>=3", "transformers>=4.57"],
         # Optional fast kernels, imported lazily. Never the PyPI package named "apex".
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },

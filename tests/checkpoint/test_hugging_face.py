@@ -9,19 +9,19 @@ import pytest
 import torch
 import torch.distributed as dist
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
-from megalite import parallel_state as ps  # noqa: E402
-from megalite.arguments import build_parser, config_from_namespace, resolve  # noqa: E402
-from megalite.checkpoint import load_checkpoint, read_logical_tensors  # noqa: E402
-from megalite.checkpoint.boxes import Box  # noqa: E402
-from megalite.checkpoint.convert import export_hf, hf_model_config, import_hf  # noqa: E402
-from megalite.checkpoint.hf_tensors import HFReader  # noqa: E402
-from megalite.engine.setup import setup  # noqa: E402
-from megalite.engine.step import forward_backward  # noqa: E402
-from megalite.tensor_parallel import gather_full, get_spec  # noqa: E402
-from megalite.testing import run_distributed  # noqa: E402
-from megalite.training import checkpoint_meta, global_batch, model_flags_from_hf  # noqa: E402
+from megalite import parallel_state as ps
+from megalite.arguments import build_parser, config_from_namespace, resolve
+from megalite.checkpoint import load_checkpoint, read_logical_tensors
+from megalite.checkpoint.boxes import Box
+from megalite.checkpoint.convert import export_hf, hf_model_config, import_hf
+from megalite.checkpoint.hf_tensors import HFReader
+from megalite.engine.setup import setup
+from megalite.engine.step import forward_backward
+from megalite.tensor_parallel import gather_full, get_spec
+from megalite.testing import run_distributed
+from megalite.training import checkpoint_meta, global_batch, model_flags_from_hf
 
 VOCAB, SEQ, BATCH = 100, 8, 2
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -41,9 +41,9 @@ EVEN_QWEN2_MOE = {"qwen2_moe_4_layers": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"
                                          ARCHITECTURES["qwen2_moe"][2] | dict(num_hidden_layers=4))}  # for PP2
 
 
-def make_hf(name: str, directory: Path) -> torch.nn.Module:
+def make_hf(name: str, directory: Path, **save) -> torch.nn.Module:
     """A tiny random Hugging Face model of architecture `name` (every weight perturbed, so biases and norm weights
-    matter), saved to `directory`."""
+    matter), saved to `directory` (`save`: options of `save_pretrained`, e.g. shards)."""
     config_cls, model_cls, extra = (ARCHITECTURES | EVEN_QWEN2_MOE)[name]
     config = getattr(transformers, config_cls)(**(COMMON | extra))
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def make_hf(name: str, directory: Path) -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, **save)
     return model
 
 
@@ -182,6 +182,21 @@ def test_export_after_import_is_exact_and_transformers_loads_it(name, tmp_path, 
     assert not any(k.startswith("optimizer.") for k in read_logical_tensors(tmp_path / "ckpt" / "iter_0000000"))
 
 
+def test_sharded_weights_and_the_convert_command(tmp_path, capsys, world_of_one):
+    """A model saved in shards (model.safetensors.index.json) loads tensor by tensor, and `megalite convert` prints
+    the flags that load its checkpoint."""
+    from megalite.cli import main
+
+    model = make_hf("qwen3", tmp_path / "model", max_shard_size="20KB")
+    assert len(list((tmp_path / "model").glob("*.safetensors"))) > 2
+    hf_logits, _, _ = hf_loss_and_grads(model, tmp_path / "grads")
+    ours = megalite_side(str(tmp_path / "model"), ["--micro-batch-size", str(BATCH)])
+    torch.testing.assert_close(ours["logits"][..., :VOCAB], hf_logits, rtol=1e-5, atol=1e-5)
+    assert main(["convert", "--from-hf", str(tmp_path / "model"), "--save", str(tmp_path / "ckpt")]) == 0
+    printed = capsys.readouterr().out
+    assert "--qk-layernorm" in printed and "--kv-channels 12" in printed and "--num-query-groups 2" in printed
+
+
 def test_a_flag_that_contradicts_config_json_is_refused(tmp_path, world_of_one):
     from megalite.validation import ConfigError
 
@@ -198,3 +213,25 @@ def test_rotary_scaling_is_refused_naming_the_field(tmp_path):
     config = {"architectures": ["LlamaForCausalLM"], **COMMON, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
     with pytest.raises(ConfigError, match="rotary scaling 'llama3'"):
         model_fields(config)
+
+
+def test_train_from_a_hugging_face_directory_and_export_the_result(tmp_path):
+    """Through the command line: `megalite train --load HF_DIR` (flags from config.json, tokenizer from
+    tokenizer.json) trains and saves; `megalite convert --to-hf` exports what transformers loads."""
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, models
+
+    make_hf("qwen2", tmp_path / "model")
+    words = {f"w{i}": i for i in range(VOCAB - 1)} | {"<|endoftext|>": VOCAB - 1}
+    Tokenizer(models.WordLevel(words, unk_token="w0")).save(str(tmp_path / "model" / "tokenizer.json"))
+    run = subprocess.run([sys.executable, "-m", "megalite", "train", "--load", str(tmp_path / "model"), "--mock-data",
+                          "--train-iters", "2", "--seq-length", "8", "--micro-batch-size", "2", "--log-interval", "1",
+                          "--save", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "model flags from" in run.stdout and "--add-qkv-bias" in run.stdout
+    assert "vocabulary: 100 tokens, padded to 128" in run.stdout and run.stdout.count("| loss ") == 2
+    export_hf(tmp_path / "ckpt", tmp_path / "export")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert again.config.vocab_size == VOCAB and again.model.layers[0].self_attn.q_proj.bias is not None
