@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megalite.config import SECTIONS, MegaliteConfig, field_docs
+from megalite.parser import Parser
 from megalite.validation import ConfigError, Defaults, flag_name, split_weights, validate
 
 __all__ = ["ConfigError", "Derived", "build_parser", "config_from_namespace", "derive_train_length_from_epochs",
@@ -53,7 +54,7 @@ def _add_field(group: argparse._ArgumentGroup, name: str, tp: object, doc: str, 
 
 def build_parser(prog: str = "megalite train") -> argparse.ArgumentParser:
     """The argument parser of `megalite train`: one flag per config field, grouped by section."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog,
         description="Pretrain a GPT model. Derived values are computed, checked and printed at start-up.",
     )

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+import torch.distributed as dist
+
+from megalite.errors import ConfigError, MegaliteError
 
 # subcommand -> (module whose main(argv) runs it, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -31,4 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megalite: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except MegaliteError as e:
+        report(f"megalite {command}", e)
+        return 2 if isinstance(e, ConfigError) else 1
+
+
+def report(prog: str, error: MegaliteError) -> None:
+    """One short message for a known failure, no traceback. Before the process group exists every rank has the same
+    error and rank 0 (by the launcher's RANK) speaks for all; afterwards any rank that fails says so, naming itself."""
+    rank = int(os.environ.get("RANK", "0"))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        print(f"{prog}: error on rank {dist.get_rank()}: {error}", file=sys.stderr, flush=True)
+    elif rank == 0:
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)

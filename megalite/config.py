@@ -232,12 +232,16 @@ class TrainingConfig:
     """fp16: the loss scale never drops below this."""
     loss_scale_window: int = 1000
     """fp16: steps without overflow before the loss scale doubles."""
+    fp16_max_skipped_steps: int = 100
+    """fp16: stop the run after this many consecutive steps skipped for inf/NaN gradients."""
+    no_check_for_nan_in_loss_and_grad: bool = False
+    """fp32/bf16: skip a step with an inf/NaN gradient norm instead of stopping the run (the default stops it)."""
     log_interval: int = 10
     """Iterations between log lines."""
     eval_interval: int | None = None
     """Iterations between validation passes; unset disables validation."""
     eval_iters: int = 10
-    """Microbatch steps per validation pass."""
+    """Global batches per validation pass."""
     tensorboard_dir: str | None = None
     """Write TensorBoard scalars here."""
     save: str | None = None
@@ -252,6 +256,11 @@ class TrainingConfig:
     """Do not load the optimizer state from the checkpoint."""
     no_load_rng: bool = False
     """Do not load the random states from the checkpoint."""
+    ckpt_step: int | None = None
+    """Load this iteration of --load instead of its newest checkpoint."""
+    override_opt_param_scheduler: bool = False
+    """On resume, use this run's learning-rate schedule flags where they differ from the checkpoint's (otherwise such
+    a difference is an error)."""
     finetune: bool = False
     """Load only the model weights and start from iteration 0."""
     overlap_grad_reduce: bool = False

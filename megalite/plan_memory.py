@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megalite import parallel_state as ps
-from megalite.arguments import ConfigError, build_parser, config_from_namespace, resolve
+from megalite.arguments import build_parser, config_from_namespace, resolve
 from megalite.config import MegaliteConfig
 from megalite.memory import GIB, MemoryEstimate
 
@@ -78,11 +78,8 @@ def main(argv: list[str]) -> int:
                        help="Device whose kernels set the widths of dropout masks and norm statistics.")
     args = parser.parse_args(argv)
     plan = {k: vars(args).pop(k) for k in ("world_size", "device")}
-    try:
-        estimates = stage_estimates(config_from_namespace(argparse.Namespace(**vars(args))), plan["world_size"],
-                                    plan["device"])
-    except ConfigError as e:
-        parser.error(str(e))
+    estimates = stage_estimates(config_from_namespace(argparse.Namespace(**vars(args))), plan["world_size"],
+                                plan["device"])
     print(f"memory estimate per rank ({plan['world_size']} ranks, {plan['device']} kernels), one rank per "
           "pipeline stage:")
     print(format_table(estimates))

@@ -29,21 +29,46 @@ from megalite.arguments import (
     resolve,
     to_argv,
 )
-from megalite.checkpoint import TrainState, latest_iteration, load_checkpoint, save_checkpoint
+from megalite.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from megalite.checkpoint.hf_config import flags_of, is_hf_directory, model_fields, read_hf_config
 from megalite.distributed import init_distributed, launched_world_size
 from megalite.engine.batches import Batch, microbatches
+from megalite.engine.checks import check_splits, check_token_ids, probe_save_dir, resume_source
 from megalite.engine.log import Logger, aux_loss_summary, bubbles
 from megalite.engine.setup import Run, rank_memory_estimate, setup, with_vocab_size
 from megalite.engine.step import evaluate, forward_backward, optimizer_step
+from megalite.errors import TrainingError
 from megalite.optim.lr_schedule import schedule_from_config
 
 
 def global_batch(run: Run, dataset, consumed: int) -> list[Batch]:
-    """This rank's microbatches of the global batch of `dataset` that starts at sample `consumed`."""
+    """This rank's microbatches of the global batch of `dataset` that starts at sample `consumed` (token ids
+    checked against the vocabulary)."""
     c, d = run.config, run.derived
-    return microbatches(dataset, consumed, d.num_microbatches, c.training.micro_batch_size, c.model.seq_length,
-                        run.groups, run.device, keep_position_ids=c.data.reset_position_ids)
+    batches = microbatches(dataset, consumed, d.num_microbatches, c.training.micro_batch_size, c.model.seq_length,
+                           run.groups, run.device, keep_position_ids=c.data.reset_position_ids)
+    for b in batches:
+        check_token_ids(b, c)
+    return batches
+
+
+SCHEDULER_FIELDS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters",
+                    "lr_wsd_decay_iters", "train_iters")
+"""The flags that shape the learning-rate schedule: a resumed run must keep them (or say --override-opt-param-scheduler)."""
+
+
+def check_scheduler(saved: dict | None, run: Run) -> None:
+    """Refuse to resume with another learning-rate schedule, naming both values, unless overridden."""
+    t = run.config.training
+    if saved is None or t.override_opt_param_scheduler:
+        return
+    current = {k: getattr(t, k) for k in SCHEDULER_FIELDS}
+    differs = [f"--{k.replace('_', '-')}: checkpoint {saved.get(k)}, this run {v}"
+               for k, v in current.items() if saved.get(k) != v]
+    if differs:
+        raise ConfigError("resuming with another learning-rate schedule (the LR would jump):\n  - "
+                          + "\n  - ".join(differs) + "\nkeep the checkpoint's values, or pass "
+                          "--override-opt-param-scheduler to use this run's")
 
 
 def checkpoint_meta(run: Run) -> dict:
@@ -56,6 +81,7 @@ def checkpoint_meta(run: Run) -> dict:
                    "distributed_optimizer": run.config.training.use_distributed_optimizer},
         "model": dataclasses.asdict(run.config.model),
         "args": to_argv(run.config),
+        "scheduler": {k: getattr(run.config.training, k) for k in SCHEDULER_FIELDS},
     }
 
 
@@ -68,12 +94,28 @@ def validation_loss(run: Run, dataset, interval_index: int) -> float:
     return evaluate(run, batches)
 
 
+def check_finite(run: Run, iteration: int, grad_norm: float | None, skipped: bool, consecutive_skips: int) -> None:
+    """Stop the run on a non-finite gradient norm (fp32/bf16; reduced over every rank, so all stop together) or on
+    too many consecutive fp16 skips; nothing is saved of the poisoned state."""
+    t = run.config.training
+    if t.fp16:
+        if consecutive_skips > t.fp16_max_skipped_steps:
+            raise TrainingError(f"iteration {iteration}: {consecutive_skips} consecutive steps skipped for inf/NaN "
+                                f"gradients (loss scale {run.optimizer.loss_scale}); the run stops here. Lower --lr "
+                                f"or raise --fp16-max-skipped-steps {t.fp16_max_skipped_steps}.")
+    elif skipped and not t.no_check_for_nan_in_loss_and_grad:
+        raise TrainingError(f"iteration {iteration}: the gradient norm is {grad_norm} (the loss or the gradients are "
+                            "not finite); the run stops here and nothing of this step is saved. Lower --lr, check "
+                            "the data, or pass --no-check-for-nan-in-loss-and-grad to skip such steps.")
+
+
 def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> TrainState:
     """The loop from `state.iteration` to --train-iters; returns the final state."""
     t = run.config.training
     schedule = schedule_from_config(t, run.derived.train_iters)
     tokens_per_step = run.derived.global_batch_size * run.config.model.seq_length
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    consecutive_skips = 0
     while state.iteration < run.derived.train_iters:
         batches = global_batch(run, train_ds, state.consumed_samples)
         run.reducer.zero_grad()
@@ -83,23 +125,26 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
         state.iteration += 1
         state.consumed_samples += run.derived.global_batch_size
         state.skipped_steps += int(skipped)
+        consecutive_skips = consecutive_skips + 1 if skipped else 0
+        check_finite(run, state.iteration, grad_norm, skipped, consecutive_skips)
         if skipped:
-            log.line(f" iteration {state.iteration:8d} | skipped: inf/NaN gradients (loss scale now "
-                     f"{run.optimizer.loss_scale:.1f})")
+            scale = f" (loss scale now {run.optimizer.loss_scale:.1f})" if run.config.training.fp16 else ""
+            log.line(f" iteration {state.iteration:8d} | skipped: inf/NaN gradients{scale}")
         else:
             window_loss += result.loss
             window_steps += 1
         if state.iteration % t.log_interval == 0 or state.iteration == run.derived.train_iters:
             elapsed = time.perf_counter() - window_start
             steps = t.log_interval if state.iteration % t.log_interval == 0 else state.iteration % t.log_interval
-            mean_loss = window_loss / max(1, window_steps)
+            mean_loss = window_loss / window_steps if window_steps else float("nan")
             extra = f" | bubble per stage {bubbles(run, result.bubble)}" if run.groups.size("pp") > 1 else ""
             if run.device.type == "cuda":
                 extra += f" | max memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB"
             extra += aux_loss_summary(run.context.aux_losses.pop())
             log.line(
                 f" iteration {state.iteration:8d}/{run.derived.train_iters} | consumed samples "
-                f"{state.consumed_samples:10d} | lr {lr:.3e} | loss {mean_loss:.6e} | grad norm "
+                f"{state.consumed_samples:10d} | lr {lr:.3e} | loss "
+                f"{f'{mean_loss:.6e}' if window_steps else 'n/a (every step skipped)'} | grad norm "
                 f"{(grad_norm or float('nan')):.3f} | tokens/s {tokens_per_step * steps / elapsed:10.1f} | "
                 f"ms/step {1000 * elapsed / steps:8.1f} | skipped {state.skipped_steps}{extra}"
             )
@@ -132,22 +177,31 @@ def pretrain(config) -> TrainState:
     if dist.get_rank() == 0:
         print(derived.table(), flush=True)
         print(f"vocabulary: {config.model.vocab_size} tokens, padded to {config.model.padded_vocab_size}", flush=True)
-    run = setup(config, derived)
     t = config.training
+    source, note = resume_source(t)
+    probe_save_dir(t, dist.get_rank())
+    run = setup(config, derived)
     eval_samples = 0
     if t.eval_interval:
         eval_samples = (derived.train_iters // t.eval_interval + 1) * t.eval_iters * derived.global_batch_size
     train_ds, valid_ds, _ = build_gpt_datasets(config, tokenizer, (derived.train_samples, eval_samples, 0))
+    check_splits(config, train_ds, valid_ds)
     state = TrainState()
-    if t.load and (is_hf_directory(t.load) or latest_iteration(t.load) is not None):
-        loaded = load_checkpoint(t.load, run, checkpoint_meta(run), load_optim=not t.no_load_optim,
-                                 load_rng=not t.no_load_rng, finetune=t.finetune)
+    if note and run.logs:
+        print(note, flush=True)
+    if source is not None:
+        own = source == t.save  # our own checkpoints: always the full state
+        loaded = load_checkpoint(source, run, checkpoint_meta(run), load_optim=own or not t.no_load_optim,
+                                 load_rng=own or not t.no_load_rng, finetune=t.finetune and not own,
+                                 step=None if own else t.ckpt_step)
+        if not (t.finetune and not own):
+            check_scheduler(loaded.scheduler, run)
         state = loaded.state
         if run.logs:
             print(f"resumed from {loaded.directory} at iteration {state.iteration}"
                   + ("" if loaded.rng_restored or t.no_load_rng or t.finetune else
-                     " (saved under another layout: weights, optimizer state, counters and data position restored; "
-                     "dropout streams seeded from --seed)"), flush=True)
+                     " (saved under another layout, or a Hugging Face model: weights, and any optimizer state, "
+                     "counters and data position restored; dropout streams seeded from --seed)"), flush=True)
     log = Logger(run)
     log.line(f"model: {sum(p.numel() for p in run.model.parameters()):,} parameters on this rank; "
              f"layout {json.dumps(checkpoint_meta(run)['layout'])}")
@@ -177,12 +231,9 @@ def main(argv: list[str]) -> int:
     """`megalite train`: validate the flags, print the derived values and train."""
     parser = build_parser()
     ns = parser.parse_args(argv)
-    try:
-        from_hf = model_flags_from_hf(ns)
-        config = config_from_namespace(ns)
-        resolve(config, launched_world_size())
-    except ConfigError as e:
-        parser.error(str(e))
+    from_hf = model_flags_from_hf(ns)
+    config = config_from_namespace(ns)
+    resolve(config, launched_world_size())
     if from_hf and int(os.environ.get("RANK", "0")) == 0:
         print(from_hf, flush=True)
     pretrain(config)

@@ -67,6 +67,11 @@ RULE_CASES = {
     "one_training_length": (["--train-iters", "10", "--train-samples", "100"], 1, "both set"),
     "train_samples_divisible": (["--train-samples", "10", "--micro-batch-size", "4"], 1, "use a multiple of 4"),
     "learning_rates_ordered": (["--lr", "1e-4", "--min-lr", "1e-3"], 1, "--min-lr"),
+    "intervals_positive": (["--log-interval", "0", "--eval-interval", "0"], 1,
+                           "--log-interval 0, --eval-interval 0: intervals"),
+    "clip_grad_not_negative": (["--clip-grad", "-1"], 1, "--clip-grad -1.0 must be at least 0"),
+    "attention_dropout_without_ring": (["--context-parallel-size", "2", "--attention-dropout", "0.1"], 2,
+                                       "ring attention has no attention dropout"),
     "warmup_within_decay": (["--lr-warmup-iters", "100", "--lr-decay-iters", "10"], 1, "--lr-warmup-iters 100"),
     "save_interval_needs_save": (["--save-interval", "10"], 1, "--save DIR"),
     "data_path_well_formed": (["--data-path", "0.5", "a", "b"], 1, "--data-path"),
@@ -198,7 +203,25 @@ def test_every_flag_has_help_from_the_config_docstrings(capsys):
 
 
 def test_invalid_flags_exit_with_the_rule_message(capsys):
+    assert cli_main(["train", "--sequence-parallel"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --sequence-parallel" in err
+    assert "usage:" not in err and "Traceback" not in err and len(err.splitlines()) == 2
+
+
+def test_abbreviated_flags_are_refused_in_one_line(capsys):
     with pytest.raises(SystemExit) as e:
-        cli_main(["train", "--sequence-parallel"])
+        cli_main(["train", "--micro", "2"])
     assert e.value.code == 2
-    assert "drop --sequence-parallel" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == ("megalite train: error: unrecognized arguments: --micro 2 "
+                                               "(see megalite train --help)")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr=-1e-3"], "--lr -0.001 must be a finite number of at least 0"),
+    (["--lr", "nan"], "--lr nan must be a finite number"),
+    (["--min-lr", "inf"], "--min-lr inf must be a finite number"),
+])
+def test_learning_rate_errors_blame_the_flag_that_is_wrong(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(parse_args(flags), 1)

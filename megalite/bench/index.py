@@ -7,13 +7,13 @@ a NumPy read of the inputs and a fresh, filled output array.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
 import numpy as np
 
 from megalite.data.indices import build_sample_index
+from megalite.parser import Parser
 
 
 def build_sample_index_numpy(
@@ -63,7 +63,7 @@ def _one_pass(inputs: list[np.ndarray], output_shape: tuple[int, int]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="megalite bench index", description=__doc__.splitlines()[0])
+    parser = Parser(prog="megalite bench index", description=__doc__.splitlines()[0])
     parser.add_argument("--num-documents", type=int, default=10_000_000, help="documents in the epoch")
     parser.add_argument("--max-document-length", type=int, default=1024,
                         help="document lengths are uniform in [1, this]")

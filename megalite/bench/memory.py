@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from megalite.parser import Parser
 
 COMPONENTS = {
     "input_norm": "input norm",
@@ -271,7 +272,7 @@ def components_table(cases: list[Case], results: list[LayerMemory], shape: Shape
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="megalite bench memory", description=__doc__.splitlines()[0])
+    parser = Parser(prog="megalite bench memory", description=__doc__.splitlines()[0])
     parser.add_argument("--seq-length", type=int, default=1024)
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--hidden-size", type=int, default=1024)

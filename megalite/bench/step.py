@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from megalite.config import MegaliteConfig, ModelConfig, TrainingConfig
+from megalite.parser import Parser
 
 
 # -------------------------------------------------------------------------------------------------- the plain GPT
@@ -260,7 +261,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="megalite bench step", description=__doc__.splitlines()[0])
+    parser = Parser(prog="megalite bench step", description=__doc__.splitlines()[0])
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden (SwiGLU: 8/3 x)")

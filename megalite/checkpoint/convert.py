@@ -9,23 +9,22 @@ loads. A training run can also load a Hugging Face directory directly: `megalite
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from megalite.checkpoint.boxes import Box
 from megalite.checkpoint.hf_config import architecture_for, flags_of, hf_config, model_fields, read_hf_config
 from megalite.checkpoint.hf_tensors import HFReader, to_hf
 from megalite.checkpoint.state import FORMAT, read_index, read_logical_tensors
-from megalite.checkpoint.store import BoxWriter
+from megalite.checkpoint.store import BoxWriter, sealed_json
 from megalite.config import ModelConfig
-from megalite.validation import ConfigError
+from megalite.errors import CheckpointError, ConfigError
+from megalite.parser import Parser
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 SHARD_BYTES = 4 << 30
@@ -64,7 +63,7 @@ def import_hf(directory: Path, save: Path) -> list[str]:
     index = {"format": FORMAT, "state": {"iteration": 0, "consumed_samples": 0, "skipped_steps": 0},
              "layout": {"converted_from": str(directory)}, "model": dataclasses.asdict(model),
              "args": flags_of(fields), "optimizer": None, "tensors": entries, "rng": {}}
-    (tmp / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+    (tmp / "index.json").write_text(sealed_json(index))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -77,7 +76,7 @@ def export_hf(load: Path, target: Path) -> str:
     """Write the newest checkpoint under `load` as a Hugging Face directory `target`; returns the architecture."""
     iterations = sorted(p for p in load.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
     if not iterations:
-        raise ConfigError(f"--load {load}: no complete checkpoint there (no iter_* directory)")
+        raise CheckpointError(f"--load {load}: no complete checkpoint there (no iter_* directory)")
     index = read_index(iterations[-1], str(load))
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model = ModelConfig(**{k: v for k, v in index["model"].items() if k in known})
@@ -102,23 +101,20 @@ def _copy_tokenizer(source: Path, target: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="megalite convert", description=__doc__.splitlines()[0])
+    parser = Parser(prog="megalite convert", description=__doc__.splitlines()[0])
     parser.add_argument("--from-hf", type=Path, help="a Hugging Face model directory to import")
     parser.add_argument("--save", type=Path, help="where to write the imported megalite checkpoint")
     parser.add_argument("--load", type=Path, help="a megalite checkpoint directory to export")
     parser.add_argument("--to-hf", type=Path, help="where to write the Hugging Face model")
     args = parser.parse_args(argv)
-    try:
-        if args.from_hf and args.save and not (args.load or args.to_hf):
-            flags = import_hf(args.from_hf, args.save)
-            print(f"wrote {args.save / 'iter_0000000'}; load it with these model flags:\n  {' '.join(flags)}")
-            if (args.save / "tokenizer" / "tokenizer.json").is_file():
-                print(f"  --tokenizer-type HuggingFaceTokenizer --tokenizer-model {args.save / 'tokenizer' / 'tokenizer.json'}")
-        elif args.load and args.to_hf and not (args.from_hf or args.save):
-            arch = export_hf(args.load, args.to_hf)
-            print(f"wrote {args.to_hf} ({arch})")
-        else:
-            parser.error("give --from-hf DIR --save CKPT, or --load CKPT --to-hf DIR")
-    except ConfigError as e:
-        parser.error(str(e))
+    if args.from_hf and args.save and not (args.load or args.to_hf):
+        flags = import_hf(args.from_hf, args.save)
+        print(f"wrote {args.save / 'iter_0000000'}; load it with these model flags:\n  {' '.join(flags)}")
+        tokenizer = args.save / "tokenizer" / "tokenizer.json"
+        if tokenizer.is_file():
+            print(f"  --tokenizer-type HuggingFaceTokenizer --tokenizer-model {tokenizer}")
+    elif args.load and args.to_hf and not (args.from_hf or args.save):
+        print(f"wrote {args.to_hf} ({export_hf(args.load, args.to_hf)})")
+    else:
+        raise ConfigError("megalite convert: give --from-hf DIR --save CKPT, or --load CKPT --to-hf DIR")
     return 0

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from megalite.checkpoint.boxes import Box
 from megalite.checkpoint.hf_config import architecture_for
 from megalite.config import ModelConfig
-from megalite.validation import ConfigError
+from megalite.errors import CheckpointError
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -126,7 +126,7 @@ class HFReader(contextlib.AbstractContextManager):
             try:
                 self.files = dict(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
             except (OSError, ValueError, KeyError) as e:
-                raise ConfigError(f"{self.what}: {index} is not a safetensors index ({e})") from e
+                raise CheckpointError(f"{self.what}: {index} is not a safetensors index ({e})") from e
         else:
             single = self.directory / "model.safetensors"
             with self._open(single) as f:
@@ -141,11 +141,11 @@ class HFReader(contextlib.AbstractContextManager):
         try:
             return safe_open(str(path), framework="pt", device="cpu")
         except (SafetensorError, OSError) as e:
-            raise ConfigError(f"{self.what}: {path} is not a readable safetensors file ({e})") from e
+            raise CheckpointError(f"{self.what}: {path} is not a readable safetensors file ({e})") from e
 
     def _handle(self, name: str):
         if name not in self.files:
-            raise ConfigError(f"{self.what}: the model has no tensor {name!r} (needed for this architecture)")
+            raise CheckpointError(f"{self.what}: the model has no tensor {name!r} (needed for this architecture)")
         file = self.files[name]
         if file not in self._handles:
             self._handles[file] = self._stack.enter_context(self._open(self.directory / file))
@@ -168,7 +168,7 @@ class HFReader(contextlib.AbstractContextManager):
             return torch.zeros(box.shape, dtype=dtype)
         stored = tuple(self._handle(part.name).get_slice(part.name).get_shape())
         if stored != part.hf_shape:
-            raise ConfigError(f"{self.what}: {part.name} has shape {list(stored)}, config.json implies "
+            raise CheckpointError(f"{self.what}: {part.name} has shape {list(stored)}, config.json implies "
                               f"{list(part.hf_shape)}")
         # the view splits the first Hugging Face dimension into `k` dimensions; the others are the same
         k = len(part.shape) - len(part.hf_shape) + 1
@@ -184,7 +184,7 @@ class HFReader(contextlib.AbstractContextManager):
 
     def read(self, name: str, box: Box, dtype: torch.dtype) -> torch.Tensor:
         if name not in self.tensors:
-            raise ConfigError(f"{self.what}: megalite's {name} has no Hugging Face counterpart in this architecture")
+            raise CheckpointError(f"{self.what}: megalite's {name} has no Hugging Face counterpart in this architecture")
         source = self.tensors[name]
         out = torch.empty(box.shape, dtype=dtype)
         offset = 0

@@ -38,11 +38,11 @@ import torch.distributed as dist
 from megalite.checkpoint.boxes import Box, segment_boxes, shard_box, split_flat
 from megalite.checkpoint.hf_config import is_hf_directory
 from megalite.checkpoint.hf_tensors import HFReader
-from megalite.checkpoint.store import BoxReader, BoxWriter, merge_entries, read_json
+from megalite.checkpoint.store import BoxReader, BoxWriter, merge_entries, read_json, read_sealed_json, sealed_json
 from megalite.engine.setup import tied_copies
 from megalite.optim.optimizer import counted_once
 from megalite.tensor_parallel.sharding import get_spec
-from megalite.validation import ConfigError
+from megalite.errors import CheckpointError
 
 if TYPE_CHECKING:
     from megalite.engine.setup import Run
@@ -75,6 +75,8 @@ class Loaded:
     state: TrainState
     directory: Path
     rng_restored: bool
+    scheduler: dict | None = None
+    """The learning-rate schedule the checkpoint was trained with (None for a Hugging Face model)."""
 
 
 def _iter_dir(root: Path, iteration: int) -> Path:
@@ -99,27 +101,29 @@ def _names(run: Run) -> dict[int, str]:
 # ------------------------------------------------------------------------------------------------------------ RNG
 def _save_rng(writer: BoxWriter, run: Run) -> dict:
     """This rank's random states: tensors into its file, the rest as JSON."""
-    writer.add_raw("rng/torch", torch.get_rng_state())
-    for name, state in run.context.rng.state_dict().items():
-        writer.add_raw(f"rng/tracker/{name}", state)
+    tensors = {"rng/torch": torch.get_rng_state(),
+               **{f"rng/tracker/{name}": s for name, s in run.context.rng.state_dict().items()}}
     if torch.cuda.is_available():
-        writer.add_raw("rng/cuda", torch.cuda.get_rng_state())
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    writer.add_raw("rng/numpy", torch.from_numpy(keys.astype(np.int64)))
+    tensors["rng/numpy"] = torch.from_numpy(keys.astype(np.int64))
+    checksums = {key: writer.add_raw(key, t) for key, t in tensors.items()}
     version, python_state, python_gauss = random.getstate()
-    return {"file": writer.file_name, "tracker": sorted(run.context.rng.states),
+    return {"file": writer.file_name, "tracker": sorted(run.context.rng.states), "checksums": checksums,
             "numpy": [kind, int(pos), int(has_gauss), float(gauss)],
             "python": [version, list(python_state), python_gauss]}
 
 
 def _load_rng(reader: BoxReader, record: dict, run: Run) -> None:
-    file = record["file"]
-    torch.set_rng_state(reader.raw(file, "rng/torch"))
-    run.context.rng.load_state_dict({name: reader.raw(file, f"rng/tracker/{name}") for name in record["tracker"]})
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state(reader.raw(file, "rng/cuda"))
+    def raw(key: str) -> torch.Tensor:
+        return reader.raw(record["file"], key, record["checksums"].get(key))
+
+    torch.set_rng_state(raw("rng/torch"))
+    run.context.rng.load_state_dict({name: raw(f"rng/tracker/{name}") for name in record["tracker"]})
+    if torch.cuda.is_available() and "rng/cuda" in record["checksums"]:
+        torch.cuda.set_rng_state(raw("rng/cuda"))
     kind, pos, has_gauss, gauss = record["numpy"]
-    np.random.set_state((kind, reader.raw(file, "rng/numpy").numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state((kind, raw("rng/numpy").numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, python_state, python_gauss = record["python"]
     random.setstate((version, tuple(python_state), python_gauss))
 
@@ -189,7 +193,7 @@ def save_checkpoint(root: str, state: TrainState, run: Run, meta: dict) -> Path:
                  "optimizer": _optimizer_scalars(run) if run.optimizer is not None else None,
                  "tensors": merge_entries([p["tensors"] for p in parts]),
                  "rng": {str(r): p["rng"] for r, p in enumerate(parts)}}
-        (tmp / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+        (tmp / "index.json").write_text(sealed_json(index))
         for r in range(len(parts)):
             (tmp / f"rank{r:05d}.json").unlink()
         if final.exists():
@@ -213,7 +217,7 @@ def latest_iteration(root: str) -> int | None:
     if latest.is_file():
         text = latest.read_bytes()
         if not text.strip().isdigit():
-            raise ConfigError(f"--load {root}: {latest} does not hold an iteration number; the checkpoint directory "
+            raise CheckpointError(f"--load {root}: {latest} does not hold an iteration number; the checkpoint directory "
                               "is damaged")
     names = [d.name for d in Path(root).glob("iter_*") if d.is_dir() and d.name[5:].isdigit()]
     return max((int(n[5:]) for n in names), default=None)
@@ -224,7 +228,7 @@ def _check_model(index: dict, meta: dict, where: str) -> None:
     differs = [f"{k}: checkpoint {saved.get(k)!r}, this run {current.get(k)!r}"
                for k in PARAMETER_FIELDS if saved.get(k) != current.get(k)]
     if differs:
-        raise ConfigError(f"--load {where}: the checkpoint holds another model:\n  - " + "\n  - ".join(differs)
+        raise CheckpointError(f"--load {where}: the checkpoint holds another model:\n  - " + "\n  - ".join(differs)
                           + "\nrun with the checkpoint's model flags")
 
 
@@ -232,13 +236,13 @@ def read_index(directory: Path, where: str) -> dict:
     """The index of a checkpoint directory, checked for its format (old per-rank .pt checkpoints are refused)."""
     if not (directory / "index.json").exists():
         if list(directory.glob("rank*.pt")):
-            raise ConfigError(f"--load {where}: {directory.name} is an old per-rank checkpoint (rank*.pt files, "
+            raise CheckpointError(f"--load {where}: {directory.name} is an old per-rank checkpoint (rank*.pt files, "
                               "readable only by unpickling them); this megalite reads only its layout-free format. "
                               "Retrain, or load it with the megalite that wrote it and save again.")
-        raise ConfigError(f"--load {where}: {directory} has no index.json; the checkpoint is incomplete")
-    index = read_json(directory / "index.json", f"--load {where}")
+        raise CheckpointError(f"--load {where}: {directory} has no index.json; the checkpoint is incomplete")
+    index = read_sealed_json(directory / "index.json", f"--load {where}")
     if index.get("format") != FORMAT:
-        raise ConfigError(f"--load {where}: {directory / 'index.json'} has format {index.get('format')!r}; "
+        raise CheckpointError(f"--load {where}: {directory / 'index.json'} has format {index.get('format')!r}; "
                           f"this megalite reads {FORMAT!r}")
     return index
 
@@ -248,7 +252,7 @@ def _load_model(reader: BoxReader | HFReader, run: Run) -> None:
         for name, t in _model_tensors(run):
             shape, box = shard_box(get_spec(t))
             if reader.has(name) and reader.shape(name) != shape:
-                raise ConfigError(f"{reader.what}: {name} has shape {reader.shape(name)} in the checkpoint, "
+                raise CheckpointError(f"{reader.what}: {name} has shape {reader.shape(name)} in the checkpoint, "
                                   f"{shape} in this model")
             t.copy_(reader.read(name, box, t.dtype).reshape(t.shape))
 
@@ -273,20 +277,48 @@ def _load_optimizer(reader: BoxReader, run: Run, scalars: dict) -> None:
         opt.scaler.scale, opt.scaler.clean_steps = scalars["loss_scale"], scalars["clean_steps"]
 
 
+def intact_iterations(root: str, but: int | None = None) -> list[int]:
+    """The complete iterations under `root` (other than `but`) whose index is intact."""
+    out = []
+    for d in sorted(Path(root).glob("iter_*")):
+        if d.is_dir() and d.name[5:].isdigit() and int(d.name[5:]) != but:
+            try:
+                read_index(d, root)
+            except CheckpointError:
+                continue
+            out.append(int(d.name[5:]))
+    return out
+
+
 def load_checkpoint(root: str, run: Run, meta: dict, *, load_optim: bool = True, load_rng: bool = True,
-                    finetune: bool = False) -> Loaded:
-    """Restore this rank's part of the newest complete checkpoint under the current layout; refuse another model.
-    `root` may also be a Hugging Face model directory: its weights are read (each rank its slices), the optimizer
-    starts from them and the counters from zero."""
+                    finetune: bool = False, step: int | None = None) -> Loaded:
+    """Restore this rank's part of the newest complete checkpoint (or of iteration `step`) under the current layout;
+    refuse another model, or a damaged checkpoint naming the file and the intact other iterations. `root` may also be
+    a Hugging Face model directory: its weights are read (each rank its slices), the optimizer starts from them and
+    the counters from zero."""
     if is_hf_directory(root):
         with HFReader(Path(root), run.config.model) as reader:
             _load_model(reader, run)
         if run.optimizer is not None:
             run.optimizer.reload_from_model()
         return Loaded(TrainState(), Path(root), False)
-    iteration = latest_iteration(root)
+    iteration = latest_iteration(root) if step is None else step
     if iteration is None:
-        raise ConfigError(f"--load {root}: no complete checkpoint there (no iter_* directory); check the path")
+        raise CheckpointError(f"--load {root}: no complete checkpoint there (no iter_* directory); check the path")
+    if not _iter_dir(Path(root), iteration).is_dir():
+        raise CheckpointError(f"--ckpt-step {iteration}: --load {root} has no such checkpoint; it has iterations "
+                              f"{intact_iterations(root) or 'none'}")
+    try:
+        return _load(root, iteration, run, meta, load_optim and not finetune, load_rng and not finetune, finetune)
+    except CheckpointError as e:
+        others = intact_iterations(root, but=iteration)
+        hint = (f"intact earlier checkpoints: {', '.join(map(str, others))}; load one with --ckpt-step N"
+                if others else "no other intact checkpoint there")
+        raise CheckpointError(f"{e}\n{hint}") from e
+
+
+def _load(root: str, iteration: int, run: Run, meta: dict, load_optim: bool, load_rng: bool,
+          finetune: bool) -> Loaded:
     directory = _iter_dir(Path(root), iteration)
     index = read_index(directory, root)
     _check_model(index, meta, root)
@@ -294,15 +326,15 @@ def load_checkpoint(root: str, run: Run, meta: dict, *, load_optim: bool = True,
     with BoxReader(directory, index["tensors"], f"--load {root}") as reader:
         _load_model(reader, run)
         optimizer = run.optimizer
-        if optimizer is not None and load_optim and not finetune and index.get("optimizer") is not None:
+        if optimizer is not None and load_optim and index.get("optimizer") is not None:
             _load_optimizer(reader, run, index["optimizer"])
         elif optimizer is not None:
             optimizer.reload_from_model()
-        restore_rng = load_rng and not finetune and same_layout
+        restore_rng = load_rng and same_layout
         if restore_rng:
             _load_rng(reader, index["rng"][str(dist.get_rank())], run)
     state = TrainState() if finetune else TrainState(**index["state"])
-    return Loaded(state, directory, restore_rng)
+    return Loaded(state, directory, restore_rng, index.get("scheduler"))
 
 
 def read_logical_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -312,6 +344,7 @@ def read_logical_tensors(directory: Path) -> dict[str, torch.Tensor]:
         out = {}
         for name, entry in index["tensors"].items():
             shape = tuple(entry["shape"])
-            stored = reader.raw(entry["boxes"][0]["file"], entry["boxes"][0]["key"])
+            first = entry["boxes"][0]
+            stored = reader.raw(first["file"], first["key"], first.get("sha256"))
             out[name] = reader.read(name, Box((0,) * len(shape), shape), stored.dtype)
         return out

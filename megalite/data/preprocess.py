@@ -14,10 +14,11 @@ from megalite.data.corpus import default_cache_dir, default_corpus_prefix, stdli
 from megalite.data.documents import TEXT_DOCUMENTS, is_json_lines, read_records
 from megalite.data.encode import encode_to_datasets
 from megalite.data.tokenizers import Tokenizer, build_tokenizer, train_bpe_tokenizer
+from megalite.parser import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="megalite preprocess",
         description="Tokenize JSON lines (.jsonl/.json/.ndjson) or plain text into a Megatron indexed dataset "
         "PREFIX.bin/PREFIX.idx for --data-path. Without --input: build the embedded default corpus.",

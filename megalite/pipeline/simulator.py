@@ -5,11 +5,11 @@ peak activation memory per rank, and writes a timeline picture (PNG, one row per
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from megalite.parser import Parser
 from megalite.pipeline.actions import Costs, Schedule
 from megalite.pipeline.png import timeline_png
 from megalite.pipeline.schedules import SCHEDULES, build_schedule
@@ -65,7 +65,7 @@ def format_table(simulations: list[Simulation]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="megalite plan pipeline",
         description="Simulate pipeline schedules from their action lists: bubble fraction (1 - busy/makespan) and "
                     "peak activations (in microbatches of a full stage) per rank, and a timeline picture.")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from megalite.config import MegaliteConfig
 from megalite.validation import layout, model, training
-from megalite.validation.core import ConfigError, Defaults, Rule, defaults, flag_name
+from megalite.errors import ConfigError
+from megalite.validation.core import Defaults, Rule, defaults, flag_name
 from megalite.validation.training import split_weights
 
 __all__ = ["RULES", "ConfigError", "Defaults", "Rule", "defaults", "flag_name", "split_weights", "validate"]
@@ -42,6 +43,7 @@ RULES: tuple[Rule, ...] = (
     layout.sequence_divisible_for_sp,
     model.positive_shapes,
     model.dropout_is_a_probability,
+    model.attention_dropout_without_ring,
     training.micro_batch_positive,
     training.global_batch_divisible,
     training.interleaving_microbatches,
@@ -49,6 +51,8 @@ RULES: tuple[Rule, ...] = (
     training.one_training_length,
     training.train_samples_divisible,
     training.learning_rates_ordered,
+    training.intervals_positive,
+    training.clip_grad_not_negative,
     training.warmup_within_decay,
     training.save_interval_needs_save,
     training.data_path_well_formed,

@@ -1,4 +1,4 @@
-"""What every validation rule shares: the error type, flag names, and `Defaults`, the values that follow from
+"""What every validation rule shares: the error type (from `megalite.errors`), flag names, and `Defaults`, the values that follow from
 other flags, computed once per config and passed to each rule."""
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megalite.config import MegaliteConfig
-
-
-class ConfigError(ValueError):
-    """An invalid combination of flags; the message names the flags and the fix."""
 
 
 def flag_name(field_name: str) -> str:

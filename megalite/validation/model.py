@@ -140,6 +140,14 @@ def positive_shapes(c: MegaliteConfig, d: Defaults) -> str | None:
     return f"{', '.join(bad)}: must be at least 1." if bad else None
 
 
+def attention_dropout_without_ring(c: MegaliteConfig, d: Defaults) -> str | None:
+    if c.model.attention_dropout > 0 and c.parallel.context_parallel_size > 1:
+        return (f"--attention-dropout {c.model.attention_dropout} with --context-parallel-size "
+                f"{c.parallel.context_parallel_size}: ring attention has no attention dropout; set "
+                "--attention-dropout 0 (or use --hidden-dropout).")
+    return None
+
+
 def dropout_is_a_probability(c: MegaliteConfig, d: Defaults) -> str | None:
     m = c.model
     for name in ("hidden_dropout", "attention_dropout"):

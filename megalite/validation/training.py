@@ -2,6 +2,8 @@
 blend and split, and the tokenizer."""
 from __future__ import annotations
 
+import math
+
 from megalite.config import MegaliteConfig
 from megalite.validation.core import Defaults
 
@@ -88,8 +90,26 @@ def train_samples_divisible(c: MegaliteConfig, d: Defaults) -> str | None:
 
 def learning_rates_ordered(c: MegaliteConfig, d: Defaults) -> str | None:
     t = c.training
-    if t.lr < 0 or t.min_lr < 0 or t.min_lr > t.lr:
-        return f"--min-lr {t.min_lr} must be between 0 and --lr {t.lr}."
+    for name, value in (("--lr", t.lr), ("--min-lr", t.min_lr)):
+        if not math.isfinite(value) or value < 0:
+            return f"{name} {value} must be a finite number of at least 0."
+    if t.min_lr > t.lr:
+        return f"--min-lr {t.min_lr} must not exceed --lr {t.lr}."
+    return None
+
+
+def intervals_positive(c: MegaliteConfig, d: Defaults) -> str | None:
+    t = c.training
+    bad = [f"{flag} {v}" for flag, v in [("--log-interval", t.log_interval), ("--eval-interval", t.eval_interval),
+                                         ("--eval-iters", t.eval_iters), ("--exit-interval", t.exit_interval)]
+           if v is not None and v < 1]
+    return f"{', '.join(bad)}: intervals and counts must be at least 1 (leave a flag out to disable it)." if bad else None
+
+
+def clip_grad_not_negative(c: MegaliteConfig, d: Defaults) -> str | None:
+    clip = c.training.clip_grad
+    if not math.isfinite(clip) or clip < 0:
+        return f"--clip-grad {clip} must be at least 0 (0 disables clipping)."
     return None
 
 

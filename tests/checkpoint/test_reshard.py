@@ -134,17 +134,17 @@ def test_a_planted_pickle_is_refused_without_running_it(victim, saved, tmp_path)
     marker = tmp_path / "pwned"
     path = directory / victim if victim == "latest" else directory / "iter_0000001" / victim
     path.write_bytes(pickle.dumps(_Payload(str(marker))))
-    from megalite.validation import ConfigError
+    from megalite.errors import CheckpointError
 
-    with pytest.raises(ConfigError, match=str(path.name)):
+    with pytest.raises(CheckpointError, match=str(path.name)):
         _load(directory)
     assert not marker.exists()
 
 
 def test_a_checkpoint_of_another_model_names_the_differing_fields(saved, world_of_one):
-    from megalite.validation import ConfigError
+    from megalite.errors import CheckpointError
 
-    with pytest.raises(ConfigError, match=r"hidden_size: checkpoint 32, this run 64"):
+    with pytest.raises(CheckpointError, match=r"hidden_size: checkpoint 32, this run 64"):
         train_and_collect([*TINY[:2], "--hidden-size", "64", *TINY[4:]], 0, None, None, None, str(saved))
 
 
@@ -153,10 +153,24 @@ def test_an_old_per_rank_checkpoint_is_refused_clearly(tmp_path, world_of_one):
     old.mkdir(parents=True)
     (old / "rank00000.pt").write_bytes(b"not read")
     (old / "meta.json").write_text("{}")
-    from megalite.validation import ConfigError
+    from megalite.errors import CheckpointError
 
-    with pytest.raises(ConfigError, match="old per-rank checkpoint"):
+    with pytest.raises(CheckpointError, match="old per-rank checkpoint"):
         _load(old.parent)
+
+
+def test_an_edited_index_is_refused(saved, tmp_path):
+    import json
+
+    directory = _copy(saved, tmp_path)
+    index_path = directory / "iter_0000001" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["state"]["iteration"] = 7
+    index_path.write_text(json.dumps(index))
+    from megalite.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="index.json does not match its checksum"):
+        _load(directory)
 
 
 def test_a_missing_box_is_refused_naming_the_tensor(saved, tmp_path):
@@ -164,10 +178,13 @@ def test_a_missing_box_is_refused_naming_the_tensor(saved, tmp_path):
 
     directory = _copy(saved, tmp_path)
     index_path = directory / "iter_0000001" / "index.json"
-    index = json.loads(index_path.read_text())
-    index["tensors"]["layers.1.mlp.fc2.weight"]["boxes"] = []
-    index_path.write_text(json.dumps(index))
-    from megalite.validation import ConfigError
+    from megalite.checkpoint.store import sealed_json
 
-    with pytest.raises(ConfigError, match="layers.1.mlp.fc2.weight"):
+    index = json.loads(index_path.read_text())
+    index.pop("checksum")
+    index["tensors"]["layers.1.mlp.fc2.weight"]["boxes"] = []
+    index_path.write_text(sealed_json(index))  # an index consistent in itself, lacking a box
+    from megalite.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="layers.1.mlp.fc2.weight"):
         _load(directory)
