@@ -176,6 +176,12 @@ def batch_isend_irecv(
         return dist.batch_isend_irecv(ops)
 
 
+def barrier(group: dist.ProcessGroup | None = None, what: str = "barrier") -> None:
+    """Wait until every rank of `group` (default: the world) arrives; a timeout names the group and `what`."""
+    with _naming(what, group):
+        dist.barrier(group=group)
+
+
 def wait_all(requests: list[dist.Work], group: dist.ProcessGroup) -> None:
     """Wait for point-to-point requests; a failure names the group."""
     with _naming("p2p wait", group):

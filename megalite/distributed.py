@@ -1,8 +1,12 @@
 """Start-up of the default process group: under torchrun (env://) or as a single process."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import datetime
 import os
+import signal
+import sys
 import tempfile
 
 import torch
@@ -23,6 +27,20 @@ def _local_device(backend: str) -> torch.device | None:
     return local
 
 
+def die_with_launcher() -> None:
+    """Under a launcher (torchrun sets LOCAL_RANK), ask the kernel to kill this worker when its parent, the launcher,
+    dies (Linux PR_SET_PDEATHSIG): a `kill -9` of torchrun leaves no orphaned workers training on."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os._exit(1)
+
+
 def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> tuple[int, int]:
     """Initialise the default group once; return (rank, world size).
 
@@ -31,6 +49,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 10.0) -> tu
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    die_with_launcher()
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = datetime.timedelta(minutes=timeout_minutes)

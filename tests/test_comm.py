@@ -33,3 +33,29 @@ def test_counts_bytes_per_kind_and_group_and_p2p_reaches_the_ring_neighbour():
     assert got_bytes[("all_reduce", "tp[0, 1]")] == 48
     assert got_bytes[("send", "cp[0, 2]")] == 48 and got_bytes[("recv", "cp[0, 2]")] == 48
     assert got_bytes[("all_gather", "tp[0, 1]")] == 16
+
+
+def _timeouts_name_the_group_and_collective():
+    """Rank 1 stalls; rank 0's receive and all-reduce (groups with a 3-second timeout) fail naming both."""
+    import time
+
+    p2p = ps.initialize_model_parallel(pp=2, timeout_minutes=0.05)
+    reduce = ps.initialize_model_parallel(tp=2, timeout_minutes=0.05)
+    if dist.get_rank() == 1:
+        time.sleep(4)
+        return []
+    messages = []
+    for attempt in (lambda: comm.wait_all(comm.batch_isend_irecv([], [(torch.zeros(2), 1)], p2p.pp), p2p.pp),
+                    lambda: comm.all_reduce(torch.zeros(2), reduce.tp)):
+        try:
+            attempt()
+            messages.append("no error")
+        except RuntimeError as e:
+            messages.append(str(e))
+    return messages
+
+
+def test_a_stalled_rank_times_out_naming_the_group_and_the_collective():
+    messages = run_distributed(2, _timeouts_name_the_group_and_collective)[0]
+    assert messages[0].startswith("p2p wait on process group pp[0, 1] failed") and "Timed out" in messages[0]
+    assert messages[1].startswith("all_reduce on process group tp[0, 1] failed")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalite import comm
 from megalite.checkpoint.boxes import Box, segment_boxes, shard_box, split_flat
 from megalite.checkpoint.hf_config import is_hf_directory
 from megalite.checkpoint.hf_tensors import HFReader
@@ -178,7 +179,7 @@ def save_checkpoint(root: str, state: TrainState, run: Run, meta: dict) -> Path:
         for stale in root_path.glob("iter_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    dist.barrier()
+    comm.barrier(what="checkpoint save barrier")
     writer = BoxWriter(f"rank{rank:05d}.safetensors")
     _add_model(writer, run)
     if run.optimizer is not None:
@@ -186,7 +187,7 @@ def save_checkpoint(root: str, state: TrainState, run: Run, meta: dict) -> Path:
     part = {"tensors": writer.entries, "rng": _save_rng(writer, run)}
     writer.save(tmp)
     (tmp / f"rank{rank:05d}.json").write_text(json.dumps(part))
-    dist.barrier()
+    comm.barrier(what="checkpoint save barrier")
     if rank == 0:
         parts = [read_json(tmp / f"rank{r:05d}.json", "save") for r in range(dist.get_world_size())]
         index = {"format": FORMAT, "state": dataclasses.asdict(state), **meta,
@@ -202,7 +203,7 @@ def save_checkpoint(root: str, state: TrainState, run: Run, meta: dict) -> Path:
         latest_tmp = root_path / "latest.tmp"
         latest_tmp.write_text(str(state.iteration))
         os.replace(latest_tmp, root_path / "latest")
-    dist.barrier()
+    comm.barrier(what="checkpoint save barrier")
     return final
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megalite import comm
 from megalite.arguments import weighted_data_paths
 from megalite.config import MegaliteConfig
 from megalite.data.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
@@ -259,8 +260,8 @@ def rank_zero_first(fn: Callable[[], T]) -> T:
         try:
             return fn()
         finally:
-            dist.barrier()
-    dist.barrier()
+            comm.barrier(what="dataset index barrier (rank 0 builds, the others wait)")
+    comm.barrier(what="dataset index barrier (rank 0 builds, the others wait)")
     return fn()
 
 
