@@ -103,6 +103,14 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as e:
         print(f"megalite preprocess: {e}", file=sys.stderr)
         return 1
+    if not any(s.documents for s in summaries):
+        for s in summaries:
+            for path in (f"{s.prefix}.bin", f"{s.prefix}.idx"):
+                if os.path.exists(path):
+                    os.remove(path)
+        print(f"megalite preprocess: --input {' '.join(args.input)} holds no documents (empty files or only blank "
+              "lines/texts); nothing written.", file=sys.stderr)
+        return 1
     for s in summaries:
         print(f"{s.prefix}: {s.documents} documents, {s.tokens} tokens (use --data-path {s.prefix})")
     return 0

@@ -133,3 +133,32 @@ def test_preprocess_without_input_builds_the_whole_default_corpus(tmp_path, caps
     non_empty = [f for f in stdlib_files() if os.path.getsize(f)]
     assert ds.num_documents == len(non_empty) and int(ds.sequence_lengths.sum()) > 1_000_000
     assert open(prefix + ".files.txt").read().splitlines() == non_empty
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"text": "fine"}\n{"text": null}\n', "bad.jsonl:2: 'text' is null (null), expected a string"),
+    (b'{"text": 12345}\n', "bad.jsonl:1: 'text' is a number (12345), expected a string"),
+    (b'{"text": "caf\xe9"}\n', "bad.jsonl:1: invalid UTF-8 at byte 13"),
+])
+def test_values_are_never_changed_silently(content, message, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    assert cli_main(["preprocess", "--input", str(path), "--output-prefix", str(tmp_path / "o")]) == 1
+    assert message in capsys.readouterr().err
+    assert not IndexedDataset.exists(str(tmp_path / "o"))
+
+
+def test_invalid_utf8_in_plain_text_names_the_line(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"good line\nsecond \xff line\n")
+    argv = ["preprocess", "--input", str(path), "--output-prefix", str(tmp_path / "o"), "--text-document", "line"]
+    assert cli_main(argv) == 1
+    assert "notes.txt:2: invalid UTF-8 at byte 7" in capsys.readouterr().err
+
+
+def test_an_input_without_documents_is_an_error(tmp_path, capsys):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    assert cli_main(["preprocess", "--input", str(path), "--output-prefix", str(tmp_path / "o")]) == 1
+    assert "holds no documents" in capsys.readouterr().err
+    assert not IndexedDataset.exists(str(tmp_path / "o"))
