@@ -24,10 +24,11 @@ setup(
     ext_modules=[extension],
     cmdclass={"build_ext": build_ext},
     # Any torch from 2.4 on works; CPU machines should install torch==2.13.0 (see README).
-    install_requires=["torch>=2.4", "numpy>=1.24", "tokenizers>=0.15", "safetensors>=0.4"],
+    install_requires=["torch>=2.4", "numpy>=1.24", "tokenizers>=0.15", "safetensors>=0.4", "tensorboard>=2.14"],
     extras_require={
-        # transformers: the reference for the Hugging Face import/export tests (tiny models built in the tests)
-        "test": ["pytest>=7", "pytest-xdist>=3", "transformers>=4.57"],
+        # transformers: the reference for the Hugging Face import/export tests (tiny models built in the tests);
+        # wandb: --wandb-project is tested offline (install it to use that flag)
+        "test": ["pytest>=7", "pytest-xdist>=3", "transformers>=4.57", "wandb>=0.19"],
         # Optional fast kernels, imported lazily. Never the PyPI package named "apex".
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },

@@ -11,7 +11,7 @@ from megalite.errors import ConfigError, MegaliteError
 
 # subcommand -> (module whose main(argv) runs it, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("megalite.training", "pretrain a GPT model (no flags: a small GPT on the embedded corpus, on CPU)"),
+    "train": ("megalite.pretrain", "pretrain a GPT model (no flags: a small GPT on the embedded corpus, on CPU)"),
     "convert": ("megalite.checkpoint.convert", "Hugging Face model <-> megalite checkpoint (--from-hf / --to-hf)"),
     "preprocess": ("megalite.data.preprocess", "text or JSON lines -> Megatron indexed dataset (no input: embedded corpus)"),
     "bench": ("megalite.bench", "benchmarks that compare megalite with a baseline in the same run"),

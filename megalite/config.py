@@ -244,6 +244,12 @@ class TrainingConfig:
     """Global batches per validation pass."""
     tensorboard_dir: str | None = None
     """Write TensorBoard scalars here."""
+    wandb_project: str | None = None
+    """Log the scalars to this Weights & Biases project (WANDB_MODE=offline writes them locally)."""
+    wandb_exp_name: str | None = None
+    """The Weights & Biases run name."""
+    wandb_save_dir: str | None = None
+    """Where Weights & Biases keeps its files."""
     save: str | None = None
     """Directory to save checkpoints to."""
     load: str | None = None

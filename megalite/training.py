@@ -1,5 +1,6 @@
-"""Pretraining: `megalite train`. The loop over global batches with cross entropy on the step engine, evaluation,
-checkpoints and the log line; everything a step does lives in `megalite.engine`.
+"""The training loop of `megalite train` (`megalite.pretrain` sets it up): global batches with cross entropy on the
+step engine, checks that stop a poisoned run, evaluation, checkpoints and the log line; everything a step does lives
+in `megalite.engine`.
 
 The loss of a step is what one process would compute over the whole global batch: the sum of per-token losses over
 every microbatch, DP rank and CP shard, divided by the number of loss tokens in the global batch (counted up front
@@ -8,34 +9,19 @@ gradient exactly.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from megalite import parallel_state as ps
-from megalite.arguments import (
-    ConfigError,
-    build_parser,
-    config_from_namespace,
-    derive_train_length_from_epochs,
-    fill_fields,
-    resolve,
-    to_argv,
-)
-from megalite.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from megalite.checkpoint.hf_config import flags_of, is_hf_directory, model_fields, read_hf_config
-from megalite.distributed import init_distributed, launched_world_size
+from megalite.arguments import ConfigError, to_argv
+from megalite.checkpoint import TrainState, save_checkpoint
 from megalite.engine.batches import Batch, microbatches
-from megalite.engine.checks import check_splits, check_token_ids, probe_save_dir, resume_source
-from megalite.engine.log import Logger, aux_loss_summary, bubbles
-from megalite.engine.setup import Run, rank_memory_estimate, setup, with_vocab_size
+from megalite.engine.checks import check_token_ids
+from megalite.engine.log import Logger, aux_loss_summary, bubbles, duration
+from megalite.engine.setup import Run
 from megalite.engine.step import evaluate, forward_backward, optimizer_step
 from megalite.errors import TrainingError
 from megalite.optim.lr_schedule import schedule_from_config
@@ -109,6 +95,15 @@ def check_finite(run: Run, iteration: int, grad_norm: float | None, skipped: boo
                             "the data, or pass --no-check-for-nan-in-loss-and-grad to skip such steps.")
 
 
+def save(run: Run, state: TrainState, log: Logger) -> Path:
+    """A checkpoint of `state` under --save, and a log line with where, how long and how large."""
+    start = time.perf_counter()
+    directory = save_checkpoint(run.config.training.save, state, run, checkpoint_meta(run))
+    size = sum(f.stat().st_size for f in directory.iterdir())
+    log.line(f" saved checkpoint {directory} in {time.perf_counter() - start:.2f} s ({size / 2**20:.1f} MiB)")
+    return directory
+
+
 def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> TrainState:
     """The loop from `state.iteration` to --train-iters; returns the final state."""
     t = run.config.training
@@ -141,13 +136,16 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
             if run.device.type == "cuda":
                 extra += f" | max memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB"
             extra += aux_loss_summary(run.context.aux_losses.pop())
+            eta = duration((run.derived.train_iters - state.iteration) * elapsed / steps)
             log.line(
                 f" iteration {state.iteration:8d}/{run.derived.train_iters} | consumed samples "
                 f"{state.consumed_samples:10d} | lr {lr:.3e} | loss "
                 f"{f'{mean_loss:.6e}' if window_steps else 'n/a (every step skipped)'} | grad norm "
                 f"{(grad_norm or float('nan')):.3f} | tokens/s {tokens_per_step * steps / elapsed:10.1f} | "
-                f"ms/step {1000 * elapsed / steps:8.1f} | skipped {state.skipped_steps}{extra}"
+                f"ms/step {1000 * elapsed / steps:8.1f} | skipped {state.skipped_steps} | ETA {eta}{extra}"
             )
+            if window_steps:
+                log.last_loss = mean_loss
             log.scalars(state.iteration, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm or float("nan")})
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         if t.eval_interval and valid_ds is not None and state.iteration % t.eval_interval == 0:
@@ -155,87 +153,11 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
             log.line(f" validation at iteration {state.iteration} | loss {val:.4f} | perplexity "
                      f"{math.exp(min(val, 50)):.2f}")
             log.scalars(state.iteration, {"val_loss": val})
+            log.last_val_loss = val
         if t.save and t.save_interval and state.iteration % t.save_interval == 0:
-            save_checkpoint(t.save, state, run, checkpoint_meta(run))
+            save(run, state, log)
         if t.exit_interval and state.iteration % t.exit_interval == 0:
             break
     return state
 
 
-def pretrain(config) -> TrainState:
-    """Initialise the processes, build everything from `config` and train."""
-    from megalite.data import build_gpt_datasets, samples_per_epoch
-    from megalite.data.tokenizers import build_tokenizer
-
-    init_distributed(config.parallel.distributed_backend, config.parallel.distributed_timeout_minutes)
-    config, derived = resolve(config, dist.get_world_size())
-    tokenizer = build_tokenizer(config.data)
-    config = with_vocab_size(config, tokenizer.vocab_size)
-    if derived.train_iters is None:
-        config, iters = derive_train_length_from_epochs(config, samples_per_epoch(config, tokenizer))
-        derived = dataclasses.replace(derived, train_iters=iters, train_samples=config.training.train_samples)
-    if dist.get_rank() == 0:
-        print(derived.table(), flush=True)
-        print(f"vocabulary: {config.model.vocab_size} tokens, padded to {config.model.padded_vocab_size}", flush=True)
-    t = config.training
-    source, note = resume_source(t)
-    probe_save_dir(t, dist.get_rank())
-    run = setup(config, derived)
-    eval_samples = 0
-    if t.eval_interval:
-        eval_samples = (derived.train_iters // t.eval_interval + 1) * t.eval_iters * derived.global_batch_size
-    train_ds, valid_ds, _ = build_gpt_datasets(config, tokenizer, (derived.train_samples, eval_samples, 0))
-    check_splits(config, train_ds, valid_ds)
-    state = TrainState()
-    if note and run.logs:
-        print(note, flush=True)
-    if source is not None:
-        own = source == t.save  # our own checkpoints: always the full state
-        loaded = load_checkpoint(source, run, checkpoint_meta(run), load_optim=own or not t.no_load_optim,
-                                 load_rng=own or not t.no_load_rng, finetune=t.finetune and not own,
-                                 step=None if own else t.ckpt_step)
-        if not (t.finetune and not own):
-            check_scheduler(loaded.scheduler, run)
-        state = loaded.state
-        if run.logs:
-            print(f"resumed from {loaded.directory} at iteration {state.iteration}"
-                  + ("" if loaded.rng_restored or t.no_load_rng or t.finetune else
-                     " (saved under another layout, or a Hugging Face model: weights, and any optimizer state, "
-                     "counters and data position restored; dropout streams seeded from --seed)"), flush=True)
-    log = Logger(run)
-    log.line(f"model: {sum(p.numel() for p in run.model.parameters()):,} parameters on this rank; "
-             f"layout {json.dumps(checkpoint_meta(run)['layout'])}")
-    log.line(rank_memory_estimate(config, derived, run.chunks, run.schedule(), run.groups, run.device.type).line())
-    state = train(run, train_ds, valid_ds, state, log)
-    if t.save and not (t.save_interval and state.iteration % t.save_interval == 0):
-        save_checkpoint(t.save, state, run, checkpoint_meta(run))
-    ps.destroy_model_parallel(run.groups)
-    return state
-
-
-def model_flags_from_hf(ns: argparse.Namespace) -> str | None:
-    """With --load pointing at a Hugging Face model directory: its config.json sets the model flags (a contradicting
-    flag is an error) and its tokenizer.json the tokenizer; returns the line that says so, else None."""
-    if not ns.load or not is_hf_directory(ns.load):
-        return None
-    config_path = Path(ns.load) / "config.json"
-    fields = model_fields(read_hf_config(ns.load), str(config_path))
-    tokenizer = Path(ns.load) / "tokenizer.json"
-    if ns.tokenizer_model is None and tokenizer.is_file():
-        fields |= {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tokenizer)}
-    fill_fields(ns, fields, str(config_path))
-    return f"model flags from {config_path}: {' '.join(flags_of(fields))}"
-
-
-def main(argv: list[str]) -> int:
-    """`megalite train`: validate the flags, print the derived values and train."""
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    from_hf = model_flags_from_hf(ns)
-    config = config_from_namespace(ns)
-    resolve(config, launched_world_size())
-    if from_hf and int(os.environ.get("RANK", "0")) == 0:
-        print(from_hf, flush=True)
-    pretrain(config)
-    dist.destroy_process_group()
-    return 0

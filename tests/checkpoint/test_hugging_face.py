@@ -21,7 +21,8 @@ from megalite.engine.setup import setup
 from megalite.engine.step import forward_backward
 from megalite.tensor_parallel import gather_full, get_spec
 from megalite.testing import run_distributed
-from megalite.training import checkpoint_meta, global_batch, model_flags_from_hf
+from megalite.pretrain import model_flags_from_hf
+from megalite.training import checkpoint_meta, global_batch
 
 VOCAB, SEQ, BATCH = 100, 8, 2
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

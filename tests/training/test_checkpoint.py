@@ -122,7 +122,7 @@ def test_no_load_optim_no_load_rng_and_finetune(uninterrupted, tmp_path):
 
 def _pretrain(argv: list[str]) -> None:
     from megalite.arguments import parse_args
-    from megalite.training import pretrain
+    from megalite.pretrain import pretrain
 
     pretrain(parse_args(argv))
 
