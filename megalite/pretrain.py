@@ -125,6 +125,8 @@ def main(argv: list[str]) -> int:
     resolve(config, launched_world_size())
     if from_hf and int(os.environ.get("RANK", "0")) == 0:
         configure_logging().info(from_hf)
+    owned = not dist.is_initialized()  # a caller's process group (tests, notebooks) stays theirs
     pretrain(config)
-    dist.destroy_process_group()
+    if owned:
+        dist.destroy_process_group()
     return 0

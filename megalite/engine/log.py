@@ -45,10 +45,22 @@ class _RankFilter(logging.Filter):
         return True
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stdout` is at the time of each record (it may be replaced after set-up)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging() -> logging.Logger:
     """The 'megalite' logger, writing 'YYYY-MM-DD HH:MM:SS [rank R] message' lines to stdout (set up once)."""
     if not LOG.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
         handler.addFilter(_RankFilter())
         LOG.addHandler(handler)
