@@ -20,6 +20,9 @@ from megalite.validation import ConfigError, Defaults, flag_name, split_weights,
 __all__ = ["ConfigError", "Derived", "build_parser", "config_from_namespace", "derive_train_length_from_epochs",
            "fill_fields", "parse_args", "resolve", "to_argv", "weighted_data_paths"]
 
+MEGATRON_ATTENTION = {"fused": "te", "unfused": "eager", "local": "sdpa"}
+"""Megatron's --attention-backend names and the megalite back-end each means."""
+
 DEFAULT_TRAIN_ITERS = 200
 """Optimizer steps when none of --train-iters, --train-samples, --train-epochs is given."""
 
@@ -129,6 +132,8 @@ class Derived(Defaults):
     virtual_pipeline_size: int
     train_iters: int | None
     train_samples: int | None
+    notes: tuple[str, ...] = ()
+    """What the flags were turned into, beyond the values above (printed with the table)."""
 
     def table(self) -> str:
         """The derived values as a printable table."""
@@ -149,7 +154,7 @@ class Derived(Defaults):
         width = max(len(name) for name, _ in rows)
         lines = ["derived values", "-" * (width + 14)]
         lines += [f"{name:<{width}}  {value}" for name, value in rows if value is not None]
-        return "\n".join(lines)
+        return "\n".join(lines + [f"note: {note}" for note in self.notes])
 
 
 def resolve(c: MegaliteConfig, world_size: int) -> tuple[MegaliteConfig, Derived]:
@@ -167,19 +172,35 @@ def resolve(c: MegaliteConfig, world_size: int) -> tuple[MegaliteConfig, Derived
     samples = t.train_samples if t.train_samples not in (None, -1) else None
     if iters is None and samples is None and t.train_epochs in (None, -1):
         iters = DEFAULT_TRAIN_ITERS
+    notes = []
     if iters is not None:
         samples = iters * gbs
     elif samples is not None:
         iters = samples // gbs
+        if samples % gbs:
+            notes.append(f"--train-samples {samples} is {iters} whole global batches of {gbs}: "
+                         f"{iters * gbs} samples are trained")
+        samples = iters * gbs
 
+    schedule = {}  # Megatron's sample-based schedule flags, in iterations
+    if t.lr_decay_samples is not None:
+        schedule["lr_decay_iters"] = t.lr_decay_samples // gbs
+    if t.lr_warmup_samples is not None:
+        schedule["lr_warmup_iters"] = t.lr_warmup_samples // gbs
+    data = c.data
+    if data.vocab_file and data.tokenizer_type == "ByteTokenizer":  # Megatron's default with --vocab-file
+        data = dataclasses.replace(data, tokenizer_type="GPT2BPETokenizer")
     filled = MegaliteConfig(
         parallel=dataclasses.replace(p, expert_tensor_parallel_size=d.expert_tensor_parallel_size),
         model=dataclasses.replace(m, num_query_groups=d.num_query_groups, ffn_hidden_size=d.ffn_hidden_size,
-                                  moe_ffn_hidden_size=d.moe_ffn_hidden_size),
-        training=dataclasses.replace(t, global_batch_size=gbs, train_iters=iters, train_samples=samples),
-        data=c.data,
+                                  moe_ffn_hidden_size=d.moe_ffn_hidden_size,
+                                  attention_backend=MEGATRON_ATTENTION.get(m.attention_backend, m.attention_backend)),
+        training=dataclasses.replace(t, global_batch_size=gbs, train_iters=iters, train_samples=samples, **schedule),
+        data=data,
+        megatron=c.megatron,
     )
-    derived = Derived(**dataclasses.asdict(d), virtual_pipeline_size=vpp, train_iters=iters, train_samples=samples)
+    derived = Derived(**dataclasses.asdict(d), virtual_pipeline_size=vpp, train_iters=iters, train_samples=samples,
+                      notes=tuple(notes))
     return filled, derived
 
 

@@ -16,6 +16,8 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megalite.compat import MegatronCompatConfig
+
 RANK_ORDER_DIMS = ("tp", "cp", "ep", "dp", "pp")
 
 
@@ -100,6 +102,12 @@ class ModelConfig:
     """Head size (query, key and value channels per head); defaults to hidden size / attention heads."""
     seq_length: int = 128
     """Tokens per training sample."""
+    max_position_embeddings: int | None = None
+    """The longest sequence the model is meant for (Megatron's flag); --seq-length must not exceed it."""
+    position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
+    """Position encoding; megalite implements rotary embeddings ('rope') only."""
+    rotary_percent: float = 1.0
+    """Share of the head size rotated by rotary embeddings; megalite rotates all of it (1.0)."""
     vocab_size: int | None = None
     """Vocabulary size (the ids that exist); defaults to the tokenizer's. The model pads its embedding and output
     layer as --make-vocab-size-divisible-by says; padded ids take no part in the softmax."""
@@ -107,6 +115,8 @@ class ModelConfig:
     """Pad the vocabulary to a multiple of this (independent of the layout, so checkpoints travel)."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     """Normalization layer."""
+    apply_layernorm_1p: bool = False
+    """Norm weights centred on zero: the layer scales by 1 + weight, the weight starting at 0 (Megatron's flag)."""
     norm_epsilon: float = 1e-5
     """Epsilon of the normalization layers."""
     swiglu: bool = False
@@ -129,8 +139,9 @@ class ModelConfig:
     """Standard deviation of the normal weight initialisation."""
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recomputation: 'full' recomputes whole layers, 'selective' the attention core."""
-    attention_backend: Literal["auto", "sdpa", "eager", "flash", "te"] = "auto"
-    """Attention kernel; 'auto' picks the fastest importable one."""
+    attention_backend: Literal["auto", "sdpa", "eager", "flash", "te", "fused", "unfused", "local"] = "auto"
+    """Attention kernel; 'auto' picks the fastest importable one. Megatron's names map to megalite's: 'fused' is
+    Transformer Engine ('te'), 'unfused' the plain math ('eager'), 'local' torch's SDPA ('sdpa')."""
     num_experts: int | None = None
     """Number of MoE experts; unset means a dense model."""
     moe_layer_freq: str = "1"
@@ -208,6 +219,10 @@ class TrainingConfig:
     """Warmup as a fraction of the decay iterations (overrides --lr-warmup-iters)."""
     lr_decay_iters: int | None = None
     """Iterations over which the learning rate decays; defaults to --train-iters."""
+    lr_decay_samples: int | None = None
+    """Samples over which the learning rate decays (instead of --lr-decay-iters: samples / global batch)."""
+    lr_warmup_samples: int | None = None
+    """Samples of linear warmup (instead of --lr-warmup-iters: samples / global batch)."""
     lr_wsd_decay_iters: int | None = None
     """WSD: iterations of the final decay phase; defaults to 10% of the decay iterations."""
     weight_decay: float = 0.01
@@ -258,6 +273,18 @@ class TrainingConfig:
     """Iterations between checkpoints."""
     exit_interval: int | None = None
     """Stop after an iteration divisible by this (saving a checkpoint first when --save is set)."""
+    exit_duration_in_mins: float | None = None
+    """Stop (saving a checkpoint first when --save is set) once the run has lasted this many minutes."""
+    profile: bool = False
+    """Profile the steps from --profile-step-start to --profile-step-end with torch.profiler (a Chrome trace per rank
+    in --tensorboard-dir, else the working directory)."""
+    profile_step_start: int = 10
+    """First profiled iteration."""
+    profile_step_end: int = 12
+    """Last profiled iteration."""
+    ckpt_format: Literal["torch_dist"] = "torch_dist"
+    """Checkpoint format: megalite's layout-free format (safetensors and a JSON index), like Megatron's torch_dist
+    loadable under any layout."""
     no_load_optim: bool = False
     """Do not load the optimizer state from the checkpoint."""
     no_load_rng: bool = False
@@ -288,10 +315,17 @@ class DataConfig:
     """Train/validation/test proportions."""
     mock_data: bool = False
     """Random tokens instead of a dataset."""
-    tokenizer_type: Literal["ByteTokenizer", "HuggingFaceTokenizer"] = "ByteTokenizer"
-    """Tokenizer: the built-in byte-level one, or a local Hugging Face tokenizer.json (--tokenizer-model)."""
+    tokenizer_type: Literal["ByteTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer",
+                            "Llama2Tokenizer"] = "ByteTokenizer"
+    """Tokenizer: the built-in byte-level one; a local Hugging Face tokenizer.json (--tokenizer-model); GPT-2's BPE
+    (--vocab-file, --merge-file; the default with them); ids as they are (NullTokenizer, --vocab-size).
+    Llama2Tokenizer (a SentencePiece model) is refused: give the model's tokenizer.json instead."""
     tokenizer_model: str | None = None
     """Path to a Hugging Face tokenizer.json."""
+    vocab_file: str | None = None
+    """GPT-2 BPE vocabulary (gpt2-vocab.json)."""
+    merge_file: str | None = None
+    """GPT-2 BPE merges (gpt2-merges.txt)."""
     data_cache_path: str | None = None
     """Directory for cached dataset indices; defaults to beside the data."""
     eod_mask_loss: bool = False
@@ -309,6 +343,7 @@ class MegaliteConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    megatron: MegatronCompatConfig = field(default_factory=MegatronCompatConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -316,6 +351,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "training": TrainingConfig,
     "data": DataConfig,
+    "megatron": MegatronCompatConfig,
 }
 
 

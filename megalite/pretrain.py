@@ -15,9 +15,16 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megalite import parallel_state as ps
-from megalite.arguments import build_parser, config_from_namespace, derive_train_length_from_epochs, fill_fields, resolve
+from megalite.arguments import (
+    build_parser,
+    config_from_namespace,
+    derive_train_length_from_epochs,
+    fill_fields,
+    resolve,
+)
 from megalite.checkpoint import TrainState, load_checkpoint
 from megalite.checkpoint.hf_config import flags_of, is_hf_directory, model_fields, read_hf_config
+from megalite.compat import no_effect
 from megalite.config import MegaliteConfig
 from megalite.distributed import init_distributed, launched_world_size
 from megalite.engine.checks import check_splits, probe_save_dir, resume_source
@@ -33,7 +40,8 @@ def describe_data(config: MegaliteConfig, train_ds, valid_ds) -> str:
               "the embedded corpus (the interpreter's standard-library sources)")
     valid = f", validation {len(valid_ds)} samples" if valid_ds is not None else ""
     tokenizer = d.tokenizer_model or d.tokenizer_type
-    return f"data: {source}, tokenizer {tokenizer}; train {len(train_ds)} samples of {s} tokens{valid} (--split {d.split})"
+    return (f"data: {source}, tokenizer {tokenizer}; train {len(train_ds)} samples of {s} tokens{valid} "
+            f"(--split {d.split})")
 
 
 def resume(run, source: str, log: Logger) -> TrainState:
@@ -61,7 +69,7 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     init_distributed(config.parallel.distributed_backend, config.parallel.distributed_timeout_minutes)
     first_rank = configure_logging() if dist.get_rank() == 0 else None
     config, derived = resolve(config, dist.get_world_size())
-    tokenizer = build_tokenizer(config.data)
+    tokenizer = build_tokenizer(config.data, config.model.vocab_size)
     config = with_vocab_size(config, tokenizer.vocab_size)
     if derived.train_iters is None:
         config, iters = derive_train_length_from_epochs(config, samples_per_epoch(config, tokenizer))
@@ -80,6 +88,10 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     check_splits(config, train_ds, valid_ds)
     log = Logger(run)
     log.line(describe_data(config, train_ds, valid_ds))
+    ignored = no_effect(config.megatron) + (["--sequence-parallel (TP is 1)"] if config.parallel.sequence_parallel
+                                              and config.parallel.tensor_model_parallel_size == 1 else [])
+    if ignored:
+        log.line(f"accepted with no effect in megalite (see megalite train --help): {', '.join(ignored)}")
     if note:
         log.line(note)
     state = resume(run, source, log) if source is not None else TrainState()

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from megalite import comm
 from megalite.arguments import ConfigError, to_argv
 from megalite.checkpoint import TrainState, save_checkpoint
 from megalite.engine.batches import Batch, microbatches
@@ -40,7 +42,8 @@ def global_batch(run: Run, dataset, consumed: int) -> list[Batch]:
 
 SCHEDULER_FIELDS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters",
                     "lr_wsd_decay_iters", "train_iters")
-"""The flags that shape the learning-rate schedule: a resumed run must keep them (or say --override-opt-param-scheduler)."""
+"""The flags that shape the learning-rate schedule: a resumed run must keep them (or say
+--override-opt-param-scheduler)."""
 
 
 def check_scheduler(saved: dict | None, run: Run) -> None:
@@ -104,14 +107,52 @@ def save(run: Run, state: TrainState, log: Logger) -> Path:
     return directory
 
 
+def out_of_time(run: Run, started: float) -> bool:
+    """--exit-duration-in-mins has passed on some rank (all ranks agree: one all-reduce)."""
+    late = torch.tensor([float(time.perf_counter() - started > 60 * run.config.training.exit_duration_in_mins)])
+    comm.all_reduce(late, dist.group.WORLD, op=dist.ReduceOp.MAX)
+    return bool(late.item())
+
+
+class StepProfiler:
+    """--profile: torch.profiler over iterations --profile-step-start..--profile-step-end, written as a Chrome trace
+    per rank to --tensorboard-dir (else the working directory)."""
+
+    def __init__(self, run: Run, log: Logger):
+        self.run, self.log, self.profiler = run, log, None
+
+    def before(self, iteration: int) -> None:
+        t = self.run.config.training
+        if t.profile and iteration == t.profile_step_start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.run.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def after(self, iteration: int) -> None:
+        t = self.run.config.training
+        if self.profiler is not None and iteration >= t.profile_step_end:
+            self.profiler.__exit__(None, None, None)
+            name = f"profile-iter{t.profile_step_start}-{iteration}-rank{dist.get_rank()}.json"
+            path = Path(t.tensorboard_dir or ".") / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.profiler.export_chrome_trace(str(path))
+            self.log.line(f" profiled iterations {t.profile_step_start}..{iteration}: {path}")
+            self.profiler = None
+
+
 def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> TrainState:
     """The loop from `state.iteration` to --train-iters; returns the final state."""
     t = run.config.training
+    started = time.perf_counter()
+    profiler = StepProfiler(run, log)
     schedule = schedule_from_config(t, run.derived.train_iters)
     tokens_per_step = run.derived.global_batch_size * run.config.model.seq_length
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     consecutive_skips = 0
     while state.iteration < run.derived.train_iters:
+        profiler.before(state.iteration + 1)
         batches = global_batch(run, train_ds, state.consumed_samples)
         run.reducer.zero_grad()
         result = forward_backward(run, batches)
@@ -156,7 +197,11 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
             log.last_val_loss = val
         if t.save and t.save_interval and state.iteration % t.save_interval == 0:
             save(run, state, log)
+        profiler.after(state.iteration)
         if t.exit_interval and state.iteration % t.exit_interval == 0:
+            break
+        if t.exit_duration_in_mins and out_of_time(run, started):
+            log.line(f" --exit-duration-in-mins {t.exit_duration_in_mins} reached at iteration {state.iteration}")
             break
     return state
 

@@ -51,7 +51,6 @@ RULE_CASES = {
         ["--pipeline-model-parallel-size", "2", "--num-layers", "6", "--pipeline-schedule", "zb-v"], 2,
         "two chunks"),
     "sequence_divisible_for_cp": (["--context-parallel-size", "4", "--seq-length", "100"], 4, "2 x CP chunks"),
-    "sequence_parallel_needs_tp": (["--sequence-parallel"], 1, "drop --sequence-parallel"),
     "sequence_divisible_for_sp": (
         ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "129"], 2, "--seq-length 129"),
     "positive_shapes": (["--seq-length", "0"], 1, "--seq-length 0"),
@@ -65,7 +64,8 @@ RULE_CASES = {
         4, "multiple of --pipeline-model-parallel-size 4"),
     "one_precision": (["--bf16", "--fp16"], 1, "choose one"),
     "one_training_length": (["--train-iters", "10", "--train-samples", "100"], 1, "both set"),
-    "train_samples_divisible": (["--train-samples", "10", "--micro-batch-size", "4"], 1, "use a multiple of 4"),
+    "train_samples_hold_a_batch": (["--train-samples", "3", "--micro-batch-size", "4"], 1,
+                                   "less than one global batch of 4"),
     "learning_rates_ordered": (["--lr", "1e-4", "--min-lr", "1e-3"], 1, "--min-lr"),
     "intervals_positive": (["--log-interval", "0", "--eval-interval", "0"], 1,
                            "--log-interval 0, --eval-interval 0: intervals"),
@@ -77,6 +77,15 @@ RULE_CASES = {
     "data_path_well_formed": (["--data-path", "0.5", "a", "b"], 1, "--data-path"),
     "split_well_formed": (["--split", "9,x,1"], 1, "--split"),
     "tokenizer_model_given": (["--tokenizer-type", "HuggingFaceTokenizer"], 1, "--tokenizer-model"),
+    "fp8_refused": (["--fp8-format", "hybrid", "--fp8-param-gather"], 1, "does not implement fp8"),
+    "decoupled_lr_refused": (["--decoupled-lr", "5e-4"], 1, "--decoupled-lr"),
+    "rampup_batch_size_refused": (["--rampup-batch-size", "16", "16", "5859375"], 1, "--rampup-batch-size"),
+    "rotary_positions_only": (["--position-embedding-type", "learned_absolute"], 1, "rotary position embeddings only"),
+    "sequence_within_max_positions": (["--seq-length", "4096", "--max-position-embeddings", "2048"], 1,
+                                      "exceeds --max-position-embeddings 2048"),
+    "schedule_in_iterations_or_samples": (["--lr-decay-iters", "10", "--lr-decay-samples", "100"], 1,
+                                          "--lr-decay-iters and --lr-decay-samples"),
+    "tokenizer_usable": (["--tokenizer-type", "Llama2Tokenizer"], 1, "give the model's tokenizer.json"),
 }
 
 
@@ -203,9 +212,9 @@ def test_every_flag_has_help_from_the_config_docstrings(capsys):
 
 
 def test_invalid_flags_exit_with_the_rule_message(capsys):
-    assert cli_main(["train", "--sequence-parallel"]) == 2
+    assert cli_main(["train", "--hidden-dropout", "1.5"]) == 2
     err = capsys.readouterr().err
-    assert "drop --sequence-parallel" in err
+    assert "--hidden-dropout 1.5 must be in [0, 1)" in err
     assert "usage:" not in err and "Traceback" not in err and len(err.splitlines()) == 2
 
 

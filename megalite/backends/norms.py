@@ -41,30 +41,37 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 class RMSNorm(torch.nn.Module):
-    def __init__(self, hidden: int, eps: float, sequence_parallel: bool = False):
+    """RMSNorm; `zero_centered`: the weight starts at 0 and the layer scales by 1 + weight (--apply-layernorm-1p)."""
+
+    def __init__(self, hidden: int, eps: float, sequence_parallel: bool = False, zero_centered: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = _replicated((hidden,), "ones", sequence_parallel)
+        self.eps, self.offset = eps, 1.0 if zero_centered else 0.0
+        self.weight = _replicated((hidden,), "zeros" if zero_centered else "ones", sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        weight = self.weight + self.offset if self.offset else self.weight
+        return _RMSNormFunction.apply(x, weight, self.eps)
 
 
 class LayerNorm(torch.nn.Module):
-    def __init__(self, hidden: int, eps: float, sequence_parallel: bool = False):
+    """LayerNorm; `zero_centered` as for RMSNorm."""
+
+    def __init__(self, hidden: int, eps: float, sequence_parallel: bool = False, zero_centered: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = _replicated((hidden,), "ones", sequence_parallel)
+        self.eps, self.offset = eps, 1.0 if zero_centered else 0.0
+        self.weight = _replicated((hidden,), "zeros" if zero_centered else "ones", sequence_parallel)
         self.bias = _replicated((hidden,), "zeros", sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        weight = self.weight + self.offset if self.offset else self.weight
+        return F.layer_norm(x, (x.shape[-1],), weight, self.bias, self.eps)
 
 
-def build_norm(kind: str, hidden: int, eps: float, sequence_parallel: bool = False) -> torch.nn.Module:
-    """'RMSNorm' or 'LayerNorm'."""
+def build_norm(kind: str, hidden: int, eps: float, sequence_parallel: bool = False,
+               zero_centered: bool = False) -> torch.nn.Module:
+    """'RMSNorm' or 'LayerNorm' (`zero_centered`: scale by 1 + weight, Megatron's --apply-layernorm-1p)."""
     if kind == "RMSNorm":
-        return RMSNorm(hidden, eps, sequence_parallel)
+        return RMSNorm(hidden, eps, sequence_parallel, zero_centered)
     if kind == "LayerNorm":
-        return LayerNorm(hidden, eps, sequence_parallel)
+        return LayerNorm(hidden, eps, sequence_parallel, zero_centered)
     raise ValueError(f"unknown normalization {kind!r}: use RMSNorm or LayerNorm")

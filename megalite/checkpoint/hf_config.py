@@ -47,7 +47,8 @@ def read_hf_config(directory: str | Path) -> dict:
 def architecture_of(config: dict, where: str | Path = "config.json") -> str:
     names = config.get("architectures") or []
     if len(names) != 1 or names[0] not in ARCHITECTURES:
-        raise ConfigError(f"{where}: architectures {names} is not supported; megalite imports {', '.join(ARCHITECTURES)}")
+        raise ConfigError(f"{where}: architectures {names} is not supported; megalite imports "
+                          f"{', '.join(ARCHITECTURES)}")
     return names[0]
 
 
@@ -130,6 +131,8 @@ def architecture_for(m: ModelConfig) -> str:
         problems.append("the exported routers use softmax scores and no expert bias")
     if m.num_experts and m.moe_shared_expert_intermediate_size and not m.moe_shared_expert_gate:
         problems.append("a shared expert is exported only with its gate (Qwen2-MoE)")
+    if m.apply_layernorm_1p:
+        problems.append("Hugging Face's norms scale by their weight, not by 1 + weight (--apply-layernorm-1p)")
     if problems:
         raise ConfigError("cannot export to Hugging Face: " + "; ".join(problems))
     if not m.num_experts:

@@ -184,7 +184,8 @@ class HFReader(contextlib.AbstractContextManager):
 
     def read(self, name: str, box: Box, dtype: torch.dtype) -> torch.Tensor:
         if name not in self.tensors:
-            raise CheckpointError(f"{self.what}: megalite's {name} has no Hugging Face counterpart in this architecture")
+            raise CheckpointError(f"{self.what}: megalite's {name} has no Hugging Face counterpart in this "
+                                  "architecture")
         source = self.tensors[name]
         out = torch.empty(box.shape, dtype=dtype)
         offset = 0

@@ -54,6 +54,7 @@ PARAMETER_FIELDS = (
     "vocab_size", "make_vocab_size_divisible_by", "normalization", "swiglu", "untie_embeddings_and_output_weights",
     "disable_bias_linear", "add_qkv_bias", "qk_layernorm", "num_experts", "moe_layer_freq", "moe_ffn_hidden_size",
     "moe_shared_expert_intermediate_size", "moe_shared_expert_gate", "moe_router_enable_expert_bias",
+    "apply_layernorm_1p",
 )
 """Model settings that decide which tensors exist and their shapes: a checkpoint loads only where they agree."""
 ADAM_STATES = ("exp_avg", "exp_avg_sq")

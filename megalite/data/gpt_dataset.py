@@ -76,7 +76,7 @@ class MockTokenSource:
 
 def parse_split(split: str) -> list[float]:
     """'969,30,1' (or '969/30/1', or fewer parts) -> train/valid/test fractions summing to 1."""
-    parts = [float(x) for x in re.split(r"[,/]", split)]
+    parts = [float(x) for x in re.split(r"[,/]", split.strip("'\""))]  # quotes a shell script left in
     parts += [0.0] * (len(SPLITS) - len(parts))
     total = sum(parts)
     return [p / total for p in parts]

@@ -99,8 +99,62 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def build_tokenizer(data_config: DataConfig) -> Tokenizer:
-    """The tokenizer `--tokenizer-type` (and `--tokenizer-model`) name."""
+class GPT2BPETokenizer(HuggingFaceTokenizer):
+    """GPT-2's byte-level BPE from Megatron's --vocab-file (gpt2-vocab.json) and --merge-file (gpt2-merges.txt);
+    the end of document is <|endoftext|>."""
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{flag} {path}: no such file.")
+        try:
+            tokenizer = HFTokenizer(models.BPE.from_file(vocab_file, merge_file))
+        except Exception as e:  # the Rust library raises its own exception type
+            raise ValueError(f"--vocab-file {vocab_file} / --merge-file {merge_file}: not a GPT-2 BPE vocabulary "
+                             f"({e}).") from e
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        self._tokenizer = tokenizer
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        if BPE_EOD not in vocab:
+            raise ValueError(f"--vocab-file {vocab_file}: has no {BPE_EOD} token to end documents with.")
+        self.path, self.eod = vocab_file, vocab[BPE_EOD]
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        digest = hashlib.sha256()
+        for path in (vocab_file, merge_file):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        self.identity = "GPT2BPETokenizer:" + digest.hexdigest()
+
+
+class NullTokenizer(Tokenizer):
+    """Megatron's NullTokenizer: text is whitespace-separated ids, kept as they are; --vocab-size ids, the last the
+    end of document."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size, self.eod = vocab_size, vocab_size - 1
+        self.identity = f"NullTokenizer:{vocab_size}"
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(x) for x in text.split()]
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def build_tokenizer(data_config: DataConfig, vocab_size: int | None = None) -> Tokenizer:
+    """The tokenizer `--tokenizer-type` (and `--tokenizer-model`, `--vocab-file`/`--merge-file`, or `vocab_size`
+    for NullTokenizer) name."""
+    if data_config.tokenizer_type == "GPT2BPETokenizer" or (data_config.vocab_file and
+                                                            data_config.tokenizer_type == "ByteTokenizer"):
+        return GPT2BPETokenizer(data_config.vocab_file, data_config.merge_file)
+    if data_config.tokenizer_type == "NullTokenizer":
+        if not vocab_size:
+            raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size.")
+        return NullTokenizer(vocab_size)
     if data_config.tokenizer_type == "ByteTokenizer":
         return ByteTokenizer()
     if data_config.tokenizer_type == "HuggingFaceTokenizer":

@@ -94,8 +94,8 @@ class SelfAttention(torch.nn.Module):
                                         logical_rows=(groups_total, self.heads_per_group + 2, self.head_dim))
         self.q_norm = self.k_norm = None
         if cfg.qk_layernorm:  # one weight over the head size; each TP rank normalises other heads: summed over TP
-            self.q_norm = build_norm(cfg.normalization, self.head_dim, cfg.norm_epsilon, tp > 1)
-            self.k_norm = build_norm(cfg.normalization, self.head_dim, cfg.norm_epsilon, tp > 1)
+            self.q_norm = build_norm(cfg.normalization, self.head_dim, cfg.norm_epsilon, tp > 1, cfg.apply_layernorm_1p)
+            self.k_norm = build_norm(cfg.normalization, self.head_dim, cfg.norm_epsilon, tp > 1, cfg.apply_layernorm_1p)
         self.proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, groups.tp, context,
                                       bias=bias, std=output_std(cfg))
 
@@ -144,9 +144,10 @@ class TransformerLayer(torch.nn.Module):
         self.context, self.tp_group = context, groups.tp
         self.hidden_dropout = cfg.hidden_dropout
         split = sequence_parallel(context, groups.tp)  # as built: norm gradients are summed over TP
-        self.input_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, split)
+        self.input_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, split, cfg.apply_layernorm_1p)
         self.attention = SelfAttention(cfg, groups, context)
-        self.pre_mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, split)
+        self.pre_mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, split,
+                                       cfg.apply_layernorm_1p)
         self.mlp = build_mlp(cfg, groups, context, layer)
 
     def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
@@ -189,7 +190,7 @@ class GPTModel(torch.nn.Module):
         self.layers = torch.nn.ModuleDict({str(i): TransformerLayer(cfg, groups, context, i) for i in layer_ids})
         if post_process:
             self.final_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon,
-                                         sequence_parallel(context, groups.tp))
+                                         sequence_parallel(context, groups.tp), cfg.apply_layernorm_1p)
             if not self.tied:
                 spec = ShardSpec((vocab_size, cfg.hidden_size), dim=0, rank=groups.rank("tp"), size=groups.size("tp"),
                                  std=cfg.init_method_std)

@@ -7,7 +7,7 @@ messages appear."""
 from __future__ import annotations
 
 from megalite.config import MegaliteConfig
-from megalite.validation import layout, model, training
+from megalite.validation import compat, layout, model, training
 from megalite.errors import ConfigError
 from megalite.validation.core import Defaults, Rule, defaults, flag_name
 from megalite.validation.training import split_weights
@@ -39,7 +39,6 @@ RULES: tuple[Rule, ...] = (
     layout.virtual_stages_divide_layers,
     layout.zero_bubble_v_needs_two_chunks,
     layout.sequence_divisible_for_cp,
-    layout.sequence_parallel_needs_tp,
     layout.sequence_divisible_for_sp,
     model.positive_shapes,
     model.dropout_is_a_probability,
@@ -49,7 +48,7 @@ RULES: tuple[Rule, ...] = (
     training.interleaving_microbatches,
     training.one_precision,
     training.one_training_length,
-    training.train_samples_divisible,
+    training.train_samples_hold_a_batch,
     training.learning_rates_ordered,
     training.intervals_positive,
     training.clip_grad_not_negative,
@@ -58,6 +57,13 @@ RULES: tuple[Rule, ...] = (
     training.data_path_well_formed,
     training.split_well_formed,
     training.tokenizer_model_given,
+    compat.fp8_refused,
+    compat.decoupled_lr_refused,
+    compat.rampup_batch_size_refused,
+    compat.rotary_positions_only,
+    compat.sequence_within_max_positions,
+    compat.schedule_in_iterations_or_samples,
+    compat.tokenizer_usable,
 )
 """Every rule, in the order their messages are listed."""
 

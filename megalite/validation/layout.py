@@ -132,12 +132,6 @@ def sequence_divisible_for_cp(c: MegaliteConfig, d: Defaults) -> str | None:
     return None
 
 
-def sequence_parallel_needs_tp(c: MegaliteConfig, d: Defaults) -> str | None:
-    if c.parallel.sequence_parallel and c.parallel.tensor_model_parallel_size == 1:
-        return "--sequence-parallel needs --tensor-model-parallel-size above 1; drop --sequence-parallel."
-    return None
-
-
 def sequence_divisible_for_sp(c: MegaliteConfig, d: Defaults) -> str | None:
     p, s = c.parallel, c.model.seq_length
     cp, tp = max(1, p.context_parallel_size), max(1, p.tensor_model_parallel_size)

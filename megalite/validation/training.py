@@ -81,10 +81,10 @@ def one_training_length(c: MegaliteConfig, d: Defaults) -> str | None:
     return None
 
 
-def train_samples_divisible(c: MegaliteConfig, d: Defaults) -> str | None:
+def train_samples_hold_a_batch(c: MegaliteConfig, d: Defaults) -> str | None:
     samples, gbs = c.training.train_samples, d.global_batch_size
-    if samples not in (None, -1) and samples > 0 and gbs > 0 and samples % gbs:
-        return f"--train-samples {samples} is not divisible by the global batch size {gbs}; use a multiple of {gbs}."
+    if samples not in (None, -1) and 0 < samples < gbs:
+        return f"--train-samples {samples} is less than one global batch of {gbs}; train longer."
     return None
 
 
@@ -145,7 +145,7 @@ def data_path_well_formed(c: MegaliteConfig, d: Defaults) -> str | None:
 
 
 def split_well_formed(c: MegaliteConfig, d: Defaults) -> str | None:
-    parts = c.data.split.replace("/", ",").split(",")
+    parts = c.data.split.strip("'\"").replace("/", ",").split(",")  # quotes a shell script left in
     try:
         values = [float(x) for x in parts]
     except ValueError:
