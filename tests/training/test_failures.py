@@ -126,3 +126,24 @@ def test_token_ids_outside_the_vocabulary_are_refused_naming_the_tokenizer(capsy
 def test_empty_splits_a_flag_needs_are_errors(flags, message, capsys, world_of_one):
     code, _, err = train(capsys, *flags)
     assert code == 1 and message in one_error(err)
+
+
+def _stops_together(argv: list[str]) -> str:
+    from megalite.arguments import parse_args
+    from megalite.errors import TrainingError
+    from megalite.pretrain import pretrain
+
+    try:
+        pretrain(parse_args(argv))
+    except TrainingError as e:
+        return str(e)
+    return "no error"
+
+
+def test_every_rank_stops_at_the_same_iteration_on_a_non_finite_step(world_of_one):
+    """The decision is taken on the global gradient norm, so no rank is left waiting in a collective (bf16, TP2)."""
+    from megalite.testing import run_distributed
+
+    argv = [*TINY, "--lr", "1e6", "--bf16", "--tensor-model-parallel-size", "2"]
+    messages = run_distributed(2, _stops_together, argv)
+    assert messages[0] == messages[1] and re.search(r"iteration \d+: the gradient norm is (nan|inf)", messages[0])
