@@ -22,7 +22,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections.abc import Callable
 from typing import BinaryIO, Protocol, TypeVar
 
@@ -329,9 +328,7 @@ def _build_split(config: MegaliteConfig, tokenizer: Tokenizer, sources: list[Sou
         )
         parts.append((weight, GPTDataset(source, indices, seq_length, tokenizer.eod, config.data.eod_mask_loss,
                                          from_cache, config.data.reset_position_ids)))
-    if not parts:
-        print(f"megalite.data: the {SPLITS[split_id]} split is empty (--split {config.data.split}); none built.",
-              file=sys.stderr)
+    if not parts:  # an empty split; `engine.checks.check_splits` refuses it where a flag needs it
         return None
     if len(parts) == 1:
         return parts[0][1]

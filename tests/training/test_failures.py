@@ -104,11 +104,12 @@ def test_resuming_with_another_lr_schedule_is_refused_unless_overridden(checkpoi
     assert " iteration        8/8" in out
 
 
-@pytest.mark.parametrize("where", ["file", "under_file"])
+@pytest.mark.parametrize("where", ["file", "under_file", "read_only"])
 def test_an_unwritable_save_directory_fails_before_the_first_step(where, capsys, tmp_path, world_of_one):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    target = blocker if where == "file" else blocker / "sub"
+    # /proc refuses new files even to root, who ignores permission bits (the tests may run as root)
+    target = {"file": blocker, "under_file": blocker / "sub", "read_only": Path("/proc/megalite-save")}[where]
     code, out, err = train(capsys, "--save", str(target))
     assert code == 2 and f"--save {target}: cannot write there" in one_error(err)
     assert "| loss" not in out  # no step ran
@@ -117,6 +118,19 @@ def test_an_unwritable_save_directory_fails_before_the_first_step(where, capsys,
 def test_token_ids_outside_the_vocabulary_are_refused_naming_the_tokenizer(capsys, world_of_one):
     code, out, err = train(capsys, "--vocab-size", "50")  # the byte tokenizer's mock data holds ids up to 256
     assert code == 1 and "is outside the vocabulary of 50 ids" in one_error(err) and "ByteTokenizer" in err
+
+
+def test_an_empty_dataset_is_an_error_naming_the_data(capsys, tmp_path, world_of_one):
+    import numpy as np
+
+    from megalite.data import IndexedDatasetBuilder
+    from megalite.data.indexed_dataset import get_bin_path, get_idx_path
+
+    prefix = str(tmp_path / "empty")
+    IndexedDatasetBuilder(get_bin_path(prefix), np.uint16).finalize(get_idx_path(prefix))
+    code = main(["train", *[f for f in TINY if f != "--mock-data"], "--data-path", prefix])
+    err = capsys.readouterr().err
+    assert code == 1 and f"the training split of --data-path {prefix} is empty" in one_error(err)
 
 
 @pytest.mark.parametrize("flags, message", [
