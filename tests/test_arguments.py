@@ -209,6 +209,9 @@ def test_every_flag_has_help_from_the_config_docstrings(capsys):
                  "--save-interval", "--data-path"]:
         assert flag in out
     assert "Tensor parallelism (TP)" in out
+    # help that describes what the code does (both used to describe something else)
+    assert "Global batches per validation pass" in " ".join(out.split())
+    assert "independent of the layout" in " ".join(out.split())
 
 
 def test_invalid_flags_exit_with_the_rule_message(capsys):
