@@ -24,7 +24,7 @@ setup(
     ext_modules=[extension],
     cmdclass={"build_ext": build_ext},
     # Any torch from 2.4 on works; CPU machines should install torch==2.13.0 (see README).
-    install_requires=["torch>=2.4", "numpy>=1.24", "tokenizers>=0.15", "safetensors>=0.4", "tensorboard>=2.14"],
+    install_requires=["torch>=2.4", "numpy>=1.24", "tokenizers>=0.15", "safetensors>=0.4", "tensorboard>=2.14", "tqdm>=4.60"],
     extras_require={
         # transformers: the reference for the Hugging Face import/export tests (tiny models built in the tests);
         # wandb: --wandb-project is tested offline (install it to use that flag)

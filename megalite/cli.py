@@ -12,6 +12,7 @@ from megalite.errors import ConfigError, MegaliteError
 # subcommand -> (module whose main(argv) runs it, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megalite.pretrain", "pretrain a GPT model (no flags: a small GPT on the embedded corpus, on CPU)"),
+    "generate": ("megalite.inference.cli", "continue prompts with a checkpoint or Hugging Face model (KV cache, any layout)"),
     "convert": ("megalite.checkpoint.convert", "Hugging Face model <-> megalite checkpoint (--from-hf / --to-hf)"),
     "preprocess": ("megalite.data.preprocess", "text or JSON lines -> Megatron indexed dataset (no input: embedded corpus)"),
     "bench": ("megalite.bench", "benchmarks that compare megalite with a baseline in the same run"),

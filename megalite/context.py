@@ -8,7 +8,8 @@ and its frozen reference) have two contexts and cannot disturb each other. A con
 - `rng`: the model's dropout streams (`RNGTracker`);
 - `aux_losses`: the MoE aux-loss gradient scale of the current step and the values logged for the log line;
 - the weight-gradient queue of a split backward (`deferring_weight_grads`), which the pipeline's W pass runs;
-- whether activation recomputation is running (`recomputing`), so that side effects are not counted twice.
+- whether activation recomputation is running (`recomputing`), so that side effects are not counted twice;
+- the routing record of a forward call (`recording_routing`): the experts each token was sent to, per MoE layer.
 """
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ class ModelContext:
         """While not None, linear layers' backward appends their weight-gradient work here instead of doing it."""
         self.recomputing = False
         """True while activation recomputation replays a forward inside the backward pass."""
+        self.routing_record: dict[int, torch.Tensor] | None = None
+        """While not None, each MoE layer stores here, under its global layer index, the experts [s, b, k] chosen
+        for every token of the forward call's input on this rank (gathered over TP)."""
 
     @contextlib.contextmanager
     def using(self, knobs: ParallelKnobs | None = None, **changes: object) -> Iterator[ParallelKnobs]:
@@ -88,6 +92,16 @@ class ModelContext:
             yield queue
         finally:
             self.weight_grad_queue = previous
+
+    @contextlib.contextmanager
+    def recording_routing(self) -> Iterator[dict[int, torch.Tensor]]:
+        """Inside the block, MoE layers record the experts each token is routed to (see `routing_record`)."""
+        previous, record = self.routing_record, {}
+        self.routing_record = record
+        try:
+            yield record
+        finally:
+            self.routing_record = previous
 
     @contextlib.contextmanager
     def replaying(self, rng_states: dict[str, torch.Tensor]) -> Iterator[None]:

@@ -5,7 +5,6 @@ The loop itself lives in `megalite.training`; everything a step does in `megalit
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -19,11 +18,10 @@ from megalite.arguments import (
     build_parser,
     config_from_namespace,
     derive_train_length_from_epochs,
-    fill_fields,
     resolve,
 )
 from megalite.checkpoint import TrainState, load_checkpoint
-from megalite.checkpoint.hf_config import flags_of, is_hf_directory, model_fields, read_hf_config
+from megalite.checkpoint.flags import model_flags_from_hf
 from megalite.compat import no_effect
 from megalite.config import MegaliteConfig
 from megalite.distributed import init_distributed, launched_world_size
@@ -113,20 +111,6 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     log.close()
     ps.destroy_model_parallel(run.groups)
     return state
-
-
-def model_flags_from_hf(ns: argparse.Namespace) -> str | None:
-    """With --load pointing at a Hugging Face model directory: its config.json sets the model flags (a contradicting
-    flag is an error) and its tokenizer.json the tokenizer; returns the line that says so, else None."""
-    if not ns.load or not is_hf_directory(ns.load):
-        return None
-    config_path = Path(ns.load) / "config.json"
-    fields = model_fields(read_hf_config(ns.load), str(config_path))
-    tokenizer = Path(ns.load) / "tokenizer.json"
-    if ns.tokenizer_model is None and tokenizer.is_file():
-        fields |= {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(tokenizer)}
-    fill_fields(ns, fields, str(config_path))
-    return f"model flags from {config_path}: {' '.join(flags_of(fields))}"
 
 
 def main(argv: list[str]) -> int:

@@ -14,6 +14,14 @@ def _replicated(shape: tuple[int, ...], init: str, sequence_parallel: bool) -> t
     return set_spec(torch.nn.Parameter(torch.empty(shape)), spec)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * rstd * w in x's dtype, rstd) with rstd = 1 / sqrt(mean(x^2) + eps), in float32 at least."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (xf * rstd * weight.to(acc)).to(x.dtype), rstd
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """y = x * rstd * w with rstd = 1 / sqrt(mean(x^2) + eps), computed in float32 at least.
 
@@ -23,11 +31,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        acc = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(acc)
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        y, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd * weight.to(acc)).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -50,6 +56,8 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight + self.offset if self.offset else self.weight
+        if not torch.is_grad_enabled():  # inference: the same arithmetic without an autograd node
+            return _rms_norm(x, weight, self.eps)[0]
         return _RMSNormFunction.apply(x, weight, self.eps)
 
 

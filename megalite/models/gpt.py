@@ -10,7 +10,7 @@ The last stage returns this rank's vocab-parallel logits; the loss is the step's
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from megalite.tensor_parallel import (
 from megalite.tensor_parallel.layers import column_parallel_linear, sequence_parallel
 from megalite.tensor_parallel.random import MODEL_RNG, TP_RNG
 from megalite.tensor_parallel.sharding import set_spec
+
+if TYPE_CHECKING:
+    from megalite.inference.kv_cache import CacheStep
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
 
@@ -73,12 +76,13 @@ def recompute(context: ModelContext, fn: Callable[..., torch.Tensor], *args: tor
 
 
 class SelfAttention(torch.nn.Module):
-    """Causal grouped-query self-attention; heads and key/value groups split over the TP group."""
+    """Causal grouped-query self-attention of global layer `layer`; heads and key/value groups split over the TP
+    group. With a `CacheStep` (generation) it attends over the KV cache instead of ring attention or the back-end."""
 
-    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, context: ModelContext):
+    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, context: ModelContext, layer: int):
         super().__init__()
         tp = groups.size("tp")
-        self.context = context
+        self.context, self.layer = context, layer
         self.head_dim = cfg.head_size
         groups_total = cfg.num_query_groups or cfg.num_attention_heads
         self.num_groups = groups_total // tp
@@ -111,7 +115,7 @@ class SelfAttention(torch.nn.Module):
         with self.context.rng.fork(TP_RNG):
             return attention(q, k, v, causal=True, dropout_p=p, backend=self.backend)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: CacheStep | None = None) -> torch.Tensor:
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
         # split, not three slices: its backward concatenates the three gradients once instead of zero-filling
@@ -125,7 +129,12 @@ class SelfAttention(torch.nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        out = recompute(self.context, self.core, q, k, v) if self.selective_recompute else self.core(q, k, v)
+        if cache is not None:
+            out = cache.attend(self.layer, q, k, v)
+        elif self.selective_recompute:
+            out = recompute(self.context, self.core, q, k, v)
+        else:
+            out = self.core(q, k, v)
         return self.proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))
 
 
@@ -145,15 +154,15 @@ class TransformerLayer(torch.nn.Module):
         self.hidden_dropout = cfg.hidden_dropout
         split = sequence_parallel(context, groups.tp)  # as built: norm gradients are summed over TP
         self.input_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, split, cfg.apply_layernorm_1p)
-        self.attention = SelfAttention(cfg, groups, context)
+        self.attention = SelfAttention(cfg, groups, context, layer)
         self.pre_mlp_norm = build_norm(cfg.normalization, cfg.hidden_size, cfg.norm_epsilon, split,
                                        cfg.apply_layernorm_1p)
         self.mlp = build_mlp(cfg, groups, context, layer)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: CacheStep | None = None) -> torch.Tensor:
         split = sequence_parallel(self.context, self.tp_group)
         drop = lambda t: _dropout(t, self.hidden_dropout, self.training, self.context, split)  # noqa: E731
-        x = x + drop(self.attention(self.input_norm(x), rotary))
+        x = x + drop(self.attention(self.input_norm(x), rotary, cache))
         return x + drop(self.mlp(self.pre_mlp_norm(x)))
 
 
@@ -210,15 +219,18 @@ class GPTModel(torch.nn.Module):
         position_ids: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
         knobs: ParallelKnobs | None = None,
+        cache: CacheStep | None = None,
     ) -> torch.Tensor:
         """tokens/position_ids [b, s] (this CP rank's shard). First stage: from `tokens`; other stages: from `hidden`
         [s(/t), b, h]. Returns this rank's vocab-parallel logits [b, s, v/t] on the last stage, hidden states on the
-        others. `knobs` replaces the context's parallel knobs for this call."""
+        others. `knobs` replaces the context's parallel knobs for this call; `cache` (generation, with sequence
+        parallelism and ring attention off) makes attention read and extend the KV cache, and the last stage return
+        the last position's logits only (unless the cache step asks for all)."""
         with self.context.using(knobs) if knobs is not None else contextlib.nullcontext():
-            return self._forward(tokens, position_ids, hidden)
+            return self._forward(tokens, position_ids, hidden, cache)
 
     def _forward(self, tokens: torch.Tensor | None, position_ids: torch.Tensor | None,
-                 hidden: torch.Tensor | None) -> torch.Tensor:
+                 hidden: torch.Tensor | None, cache: CacheStep | None) -> torch.Tensor:
         split = sequence_parallel(self.context, self.groups.tp)
         if self.pre_process:
             hidden = self.embedding(tokens.t())
@@ -229,13 +241,15 @@ class GPTModel(torch.nn.Module):
             position_ids = torch.arange(s, device=hidden.device).unsqueeze(0)
         rotary = rotary_cos_sin(position_ids, self.cfg.head_size, self.cfg.rotary_base, hidden.dtype)
         for layer in self.layers.values():
-            if self.full_recompute:
+            if self.full_recompute and cache is None:
                 hidden = recompute(self.context, lambda h, cos, sin, layer=layer: layer(h, (cos, sin)), hidden,
                                    *rotary)
             else:
-                hidden = layer(hidden, rotary)
+                hidden = layer(hidden, rotary, cache)
         if not self.post_process:
             return hidden
+        if cache is not None and not cache.all_logits:  # generation reads the last position's logits only
+            hidden = hidden[-1:]
         hidden = self.final_norm(hidden)
         weight = self.embedding.weight if self.tied else self.output_weight
         logits = column_parallel_linear(hidden, weight, None, self.groups.tp, self.context)

@@ -51,7 +51,8 @@ class DispatchState:
     arrivals: torch.Tensor
     """Rows from each [ETP source, EP source, local expert] block, in arrival order."""
     unsort: torch.Tensor | None = None
-    """Permutation from local-expert order back to arrival order (set by `dispatch_postprocess`)."""
+    """Permutation from local-expert order back to arrival order (set by `dispatch_postprocess`; None when the
+    arrival order is the local-expert order: one EP and one ETP rank)."""
 
 
 class TokenDispatcher(ABC):
@@ -117,6 +118,8 @@ class AllToAllDispatcher(TokenDispatcher):
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
         self.first_local = dist.get_rank(groups.ep) * self.num_local
+        self.alone = self.ep_size == 1 and dist.get_world_size(groups.etp) == 1
+        """No EP and no ETP: the dispatch exchanges nothing (its phases skip the collectives and sorts)."""
 
     def dispatch_preprocess(self, x: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor | None
                             ) -> tuple[torch.Tensor, DispatchState]:
@@ -130,6 +133,9 @@ class AllToAllDispatcher(TokenDispatcher):
         row_of_pair[pair_ids] = torch.arange(pair_ids.numel(), device=x.device)
 
         counts = torch.bincount(experts[pair_ids], minlength=self.num_experts)
+        if self.alone:  # one EP and one ETP rank: nothing to exchange
+            m = [pair_ids.numel()]
+            return x[pair_ids // topk], DispatchState(num_tokens, topk, row_of_pair, m, m, m, counts.view(1, 1, -1))
         local = slice(self.first_local, self.first_local + self.num_local)
         from_each_ep = _all_gather_counts(counts, self.ep_group)[:, local]
         arrivals = _all_gather_counts(from_each_ep.contiguous(), self.etp_group)  # [etp, ep, local experts]
@@ -140,10 +146,14 @@ class AllToAllDispatcher(TokenDispatcher):
         return x[pair_ids // topk], state
 
     def token_dispatch(self, rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        if self.alone:
+            return rows
         rows = all_to_all(rows, self.ep_group, state.recv_splits, state.send_splits)
         return all_gather_rows(rows, self.etp_group, state.etp_sizes)
 
     def dispatch_postprocess(self, rows: torch.Tensor, state: DispatchState) -> tuple[torch.Tensor, list[int]]:
+        if self.alone:  # the rows are already in local-expert order
+            return rows, state.arrivals[0, 0].tolist()
         blocks = state.arrivals.reshape(-1)
         local_expert = torch.arange(self.num_local, device=rows.device).repeat(blocks.numel() // self.num_local)
         sort = torch.argsort(torch.repeat_interleave(local_expert, blocks), stable=True)
@@ -151,9 +161,11 @@ class AllToAllDispatcher(TokenDispatcher):
         return rows[sort], state.arrivals.sum((0, 1)).tolist()
 
     def combine_preprocess(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        return y[state.unsort]
+        return y if state.unsort is None else y[state.unsort]
 
     def token_combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        if self.alone:
+            return y
         y = reduce_scatter_rows(y, self.etp_group, state.etp_sizes)
         return all_to_all(y, self.ep_group, state.send_splits, state.recv_splits)
 

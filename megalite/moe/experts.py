@@ -62,6 +62,9 @@ class LocalExperts(torch.nn.ModuleDict):
     def forward(self, x: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Rows x [M, h] sorted by local expert, `tokens_per_expert[i]` of them for the i-th; an expert may get none.
 
-        A loop of per-expert matmuls (each through `linear`, so weight gradients can be deferred)."""
+        A loop of per-expert matmuls (each through `linear`, so weight gradients can be deferred); without autograd
+        (generation: few tokens per call) experts with no rows are skipped."""
         chunks = x.split(tokens_per_expert)
-        return torch.cat([expert(chunk) for expert, chunk in zip(self.values(), chunks)])
+        grad = torch.is_grad_enabled()
+        return torch.cat([expert(chunk) if grad or n else chunk
+                          for expert, chunk, n in zip(self.values(), chunks, tokens_per_expert)])

@@ -3,12 +3,15 @@ the aux-loss-free expert-bias update.
 
 The layer takes and returns activations exactly as the dense MLP does: [s, b, h] replicated over TP, or [s/t, b, h]
 under sequence parallelism. Every TP rank routes different tokens: under SP its own s/t rows; without SP it keeps its
-1/t slice of the (identical) rows before routing and all-gathers the output afterwards, so no token is routed or
-computed twice. Everything after the slice runs over the expert grid (EP, ETP), whatever the dense TP is.
+1/t slice of the (identical) flattened [s b] rows before routing and all-gathers the output afterwards, so no token
+is routed or computed twice; when the rows do not divide by t (generation's few tokens per step) they are padded
+with rows that are routed nowhere. Everything after the slice runs over the expert grid (EP, ETP), whatever the dense TP is.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from megalite import comm
 from megalite.config import ModelConfig
@@ -40,7 +43,7 @@ class MoELayer(torch.nn.Module):
         if not 1 <= cfg.moe_router_topk <= cfg.num_experts:
             raise ValueError(f"--moe-router-topk {cfg.moe_router_topk} must be between 1 and --num-experts "
                              f"{cfg.num_experts}")
-        self.tp_group, self.context = groups.tp, context
+        self.tp_group, self.tp_size, self.context = groups.tp, groups.size("tp"), context
         self.router = TopKRouter(cfg, groups, context, layer)
         self.dispatcher = AllToAllDispatcher(cfg.num_experts, groups)
         self.experts = LocalExperts(cfg, groups, context, ffn, output_std(cfg))
@@ -59,20 +62,50 @@ class MoELayer(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [s, b, h] (replicated over TP) or [s/t, b, h] (sequence parallel) -> the same shape."""
         split = sequence_parallel(self.context, self.tp_group)
-        tokens = x if split else mappings.scatter_to_sequence_parallel_region(x, self.tp_group)
-        flat = tokens.reshape(-1, tokens.shape[-1])
+        flat, pad = x.reshape(-1, x.shape[-1]), 0
+        if not split:
+            # each TP rank takes 1/t of the flattened [s b] rows (s-major: the same rows as slicing s); a count
+            # that does not divide (generation: few tokens per step) is padded with rows that go nowhere
+            pad = -flat.shape[0] % self.tp_size
+            if pad and self.training and torch.is_grad_enabled():
+                raise ValueError(f"MoE training needs sequence x batch tokens ({flat.shape[0]}) divisible by TP "
+                                 f"{self.tp_size}")
+            if pad:
+                flat = F.pad(flat, (0, 0, 0, pad))
+            flat = mappings.scatter_to_sequence_parallel_region(flat, self.tp_group)
         routing = self.router(flat)
-        rows, tokens_per_expert, state = self.dispatcher.dispatch(flat, routing.indices, routing.keep)
+        keep = routing.keep
+        if pad:
+            real = self._real_rows(flat.shape[0], x.numel() // x.shape[-1]).unsqueeze(1).expand_as(routing.indices)
+            keep = real if keep is None else keep & real
+        if self.context.routing_record is not None:
+            self._record(routing.indices, x.shape[0] * (self.tp_size if split else 1), x.shape[1])
+        rows, tokens_per_expert, state = self.dispatcher.dispatch(flat, routing.indices, keep)
         pairs = self.dispatcher.combine(self.experts(rows, tokens_per_expert), state)
-        y = (pairs * routing.weights.unsqueeze(-1).to(pairs.dtype)).sum(1).view_as(tokens)
+        y = (pairs * routing.weights.unsqueeze(-1).to(pairs.dtype)).sum(1)
         if not split:
             y = mappings.gather_from_sequence_parallel_region(y, self.tp_group, grad_is_partial=False)
+            y = y[: y.shape[0] - pad]
+        y = y.view_as(x)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
                 shared = shared * torch.sigmoid(linear(x, self.shared_expert_gate, None, self.context))
             y = y + shared
         return y
+
+    def _real_rows(self, local_rows: int, real: int) -> torch.Tensor:
+        """[local_rows] bool: which of this TP rank's rows are tokens rather than padding."""
+        first = dist.get_rank(self.tp_group) * local_rows if self.tp_size > 1 else 0
+        return torch.arange(first, first + local_rows, device=self.router.weight.device) < real
+
+    def _record(self, indices: torch.Tensor, s: int, b: int) -> None:
+        """Store the experts [s, b, k] of the call's tokens (all TP ranks' rows) in the context's routing record."""
+        if self.tp_size > 1:
+            gathered = indices.new_empty((self.tp_size * indices.shape[0], indices.shape[1]))
+            comm.all_gather_into_tensor(gathered, indices.contiguous(), self.tp_group)
+            indices = gathered
+        self.context.routing_record[self.router.layer] = indices[: s * b].view(s, b, -1)
 
 
 @torch.no_grad()

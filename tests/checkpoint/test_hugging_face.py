@@ -21,42 +21,11 @@ from megalite.engine.setup import setup
 from megalite.engine.step import forward_backward
 from megalite.tensor_parallel import gather_full, get_spec
 from megalite.testing import run_distributed
-from megalite.pretrain import model_flags_from_hf
+from megalite.testing.hf import ARCHITECTURES, COMMON, make_hf
+from megalite.checkpoint.flags import model_flags_from_hf
 from megalite.training import checkpoint_meta, global_batch
 
 VOCAB, SEQ, BATCH = 100, 8, 2
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
-MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
-ARCHITECTURES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=12)),  # a head size of its own: --kv-channels
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  MOE | dict(shared_expert_intermediate_size=24, num_hidden_layers=3, decoder_sparse_step=1,
-                             mlp_only_layers=[1])),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", MOE | dict(norm_topk_prob=True, head_dim=12)),
-}
-EVEN_QWEN2_MOE = {"qwen2_moe_4_layers": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                                         ARCHITECTURES["qwen2_moe"][2] | dict(num_hidden_layers=4))}  # for PP2
-
-
-def make_hf(name: str, directory: Path, **save) -> torch.nn.Module:
-    """A tiny random Hugging Face model of architecture `name` (every weight perturbed, so biases and norm weights
-    matter), saved to `directory` (`save`: options of `save_pretrained`, e.g. shards)."""
-    config_cls, model_cls, extra = (ARCHITECTURES | EVEN_QWEN2_MOE)[name]
-    config = getattr(transformers, config_cls)(**(COMMON | extra))
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(config).float().eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    model.save_pretrained(directory, **save)
-    return model
-
-
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     data = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(2))
     return data[:, :-1], data[:, 1:]
@@ -211,7 +180,7 @@ def test_rotary_scaling_is_refused_naming_the_field(tmp_path):
     from megalite.checkpoint.hf_config import model_fields
     from megalite.validation import ConfigError
 
-    config = {"architectures": ["LlamaForCausalLM"], **COMMON, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    config = {"architectures": ["LlamaForCausalLM"], **COMMON, "vocab_size": VOCAB, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
     with pytest.raises(ConfigError, match="rotary scaling 'llama3'"):
         model_fields(config)
 
