@@ -14,7 +14,10 @@ import torch.distributed as dist
 
 
 def launched_world_size() -> int:
-    """World size from the launcher's environment (torchrun sets WORLD_SIZE), else 1."""
+    """The world this process runs in: the initialised default group's, else the launcher's environment (torchrun
+    sets WORLD_SIZE), else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

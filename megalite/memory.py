@@ -34,7 +34,8 @@ class MemoryEstimate:
 
 def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp: int, sequence_parallel: bool,
                            dtype_bytes: int, device_type: str, query_groups: int, ffn_hidden_size: int,
-                           selective: bool = False, moe: bool = False, expert_tp: int = 1) -> float:
+                           selective: bool = False, moe: bool = False, expert_tp: int = 1,
+                           expert_parallel: int = 1) -> float:
     """Bytes one transformer layer keeps for backward on one rank, item by item as megalite's layer saves them
     with a fused attention kernel (SDPA, flash-attn, TE, or ring attention: no s x s matrix is kept).
 
@@ -65,7 +66,7 @@ def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp
         attention += 4 * micro_batch * heads * seq  # float32 log-sum-exp
     if moe:
         mlp = moe_layer_bytes(model, tokens=tokens, tp=tp, sequence_parallel=sequence_parallel, dtype_bytes=w,
-                              expert_tp=expert_tp)
+                              expert_tp=expert_tp, expert_parallel=expert_parallel)
     else:
         mlp = local * h * w + _mlp_inner_bytes(model, tokens, ffn_hidden_size / tp, w)  # fc1 input, inner
     return outside + attention + mlp
@@ -78,7 +79,7 @@ def _mlp_inner_bytes(model: ModelConfig, rows: float, width: float, w: int) -> f
 
 
 def moe_layer_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence_parallel: bool, dtype_bytes: int,
-                    expert_tp: int) -> float:
+                    expert_tp: int, expert_parallel: int = 1) -> float:
     """Bytes an MoE layer keeps for backward on one rank (dropless; softmax router, the default), when every
     expert receives its average share of rows (the total over the EP group is exact).
 
@@ -91,7 +92,8 @@ def moe_layer_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence_parall
     # (shared with the shared expert's fc1 input); with SP, the local tokens
     out = tokens / (tp if sequence_parallel else 1) * h * w
     out += routed * (4 * model.num_experts + 12 * k + 4)  # fp32 probabilities, top-k indices and weights
-    out += 8 * (2 * pairs + 2 * rows)  # int64 permutation indices of dispatch and combine
+    # int64 permutation indices of dispatch and combine; the local-expert sort of arrivals only with EP or ETP
+    out += 8 * (2 * pairs + (2 * rows if expert_parallel > 1 or expert_tp > 1 else 0))
     out += rows * h * w + _mlp_inner_bytes(model, rows, model.moe_ffn_hidden_size / expert_tp, w)  # experts
     out += pairs * (h + 1) * w  # the combine's [T, k, h] rows and routing weights, multiplied together
     shared = model.moe_shared_expert_intermediate_size
@@ -135,7 +137,7 @@ def estimate_memory(params: list[torch.nn.Parameter], config: MegaliteConfig, de
             m, seq=s, micro_batch=b, tp=tp, sequence_parallel=sp, dtype_bytes=width, device_type=device_type,
             query_groups=derived.num_query_groups, ffn_hidden_size=derived.ffn_hidden_size,
             selective=m.recompute_granularity == "selective", moe=True,
-            expert_tp=derived.expert_tensor_parallel_size,
+            expert_tp=derived.expert_tensor_parallel_size, expert_parallel=p.expert_model_parallel_size,
         )
         moe_share = sum(m.is_moe_layer(i) for i in range(m.num_layers)) / m.num_layers
         per_layer += (moe_layer - per_layer) * moe_share

@@ -101,6 +101,7 @@ def test_moe_layer_formula_is_the_average_over_expert_parallel_ranks():
         measured = [memories[i].total for memories in per_rank]
         want = layer_activation_bytes(model, seq=64, micro_batch=2, tp=case.tp,
                                       sequence_parallel=case.sequence_parallel, dtype_bytes=2, device_type="cpu",
-                                      query_groups=2, ffn_hidden_size=512, moe=True, expert_tp=case.tp)
+                                      query_groups=2, ffn_hidden_size=512, moe=True, expert_tp=case.tp,
+                                      expert_parallel=case.ep)
         assert len(set(measured)) > 1, "the routing should load the ranks unevenly"
         assert sum(measured) == 4 * want, (case.label, measured, want)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megalite.config import ModelConfig
 from megalite.context import ModelContext
@@ -47,6 +48,10 @@ class ExpertMLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(activation(self.fc1(x), self.swiglu))
 
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` without autograd and without the module machinery (generation calls experts on few rows)."""
+        return F.linear(activation(F.linear(x, self.fc1.weight), self.swiglu), self.fc2.weight)
+
 
 class LocalExperts(torch.nn.ModuleDict):
     """This EP rank's experts, keyed by global expert index."""
@@ -65,6 +70,7 @@ class LocalExperts(torch.nn.ModuleDict):
         A loop of per-expert matmuls (each through `linear`, so weight gradients can be deferred); without autograd
         (generation: few tokens per call) experts with no rows are skipped."""
         chunks = x.split(tokens_per_expert)
-        grad = torch.is_grad_enabled()
-        return torch.cat([expert(chunk) if grad or n else chunk
+        if torch.is_grad_enabled():
+            return torch.cat([expert(chunk) for expert, chunk in zip(self.values(), chunks)])
+        return torch.cat([expert.infer(chunk) if n else chunk
                           for expert, chunk, n in zip(self.values(), chunks, tokens_per_expert)])
