@@ -23,6 +23,7 @@ from megalite import parallel_state as ps
 from megalite.arguments import build_parser, config_from_namespace, resolve
 from megalite.checkpoint import load_checkpoint
 from megalite.checkpoint.flags import model_flags_from_checkpoint
+from megalite.checkpoint.hf_config import is_hf_directory
 from megalite.distributed import init_distributed, launched_world_size
 from megalite.engine.setup import setup, with_vocab_size
 from megalite.errors import ConfigError, DataError
@@ -100,6 +101,9 @@ def main(argv: list[str]) -> int:
     if ns.num_samples < 1 or ns.max_new_tokens < 1 or ns.batch_size < 1:
         raise ConfigError("--num-samples, --max-new-tokens and --batch-size must be >= 1")
     source = model_flags_from_checkpoint(ns)
+    if is_hf_directory(ns.load) and ns.tokenizer_type is None and ns.vocab_file is None:
+        raise ConfigError(f"--load {ns.load} has no tokenizer.json: give the model's tokenizer with --tokenizer-type "
+                          "HuggingFaceTokenizer --tokenizer-model PATH/tokenizer.json")
     config = config_from_namespace(ns)
     try:
         params = SamplingParams(ns.temperature, ns.top_k, ns.top_p, config.training.seed)

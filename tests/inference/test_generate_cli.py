@@ -84,9 +84,11 @@ def test_bad_input_lines_name_the_file_and_line(world_of_one, checkpoint, tmp_pa
     (["--load", "LOAD", "--prompt", "x", "--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
     (["--load", "LOAD", "--prompt", "x", "--temperature", "-1"], "--temperature -1.0 must be >= 0"),
     (["--load", "/nonexistent", "--prompt", "x"], "neither a megalite checkpoint"),
+    (["--load", "HF", "--prompt", "x"], "has no tokenizer.json: give the model's tokenizer with --tokenizer-type"),
 ])
 def test_bad_flags_are_one_line_errors(world_of_one, checkpoint, capsys, flags, message):
-    argv = [str(checkpoint[0]) if f == "LOAD" else f for f in flags]
+    paths = {"LOAD": str(checkpoint[0]), "HF": str(checkpoint[0].parent / "hf")}
+    argv = [paths.get(f, f) for f in flags]
     assert cli.main(["generate"] + argv) in (1, 2)
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
