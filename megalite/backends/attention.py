@@ -77,41 +77,56 @@ def _causal_mask(n: int, device: torch.device) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------ eager math
-def _eager_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
-    """Scaled scores in the accumulation dtype, masked with -inf above the diagonal when causal."""
+def document_mask(documents_q: torch.Tensor, documents_k: torch.Tensor, causal: bool) -> torch.Tensor:
+    """[b, 1, sq, sk] bool: query i may attend key j when both are in the same document (equal ids), and j <= i
+    when `causal` (a diagonal block of equal-length q and k)."""
+    mask = documents_q.unsqueeze(-1) == documents_k.unsqueeze(-2)
+    if causal:
+        mask = mask & _causal_mask(mask.size(-1), mask.device)
+    return mask.unsqueeze(1)
+
+
+def _eager_scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled scores in the accumulation dtype, masked with -inf above the diagonal when causal, and where `mask`
+    (broadcast to [b, h, sq, sk]) is False."""
     acc = accumulation_dtype(q.dtype)
     s = (q.to(acc) @ expand_kv(k, q.size(1)).to(acc).transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(~_causal_mask(s.size(-1), s.device), float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
     return s
 
 
 def _eager_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, dropout_p: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, dropout_p: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    probs = torch.softmax(_eager_scores(q, k, causal, scale), dim=-1)
+    probs = torch.softmax(_eager_scores(q, k, causal, scale, mask), dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return (probs @ expand_kv(v, q.size(1)).to(probs.dtype)).to(q.dtype)
 
 
 def _eager_forward_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    s = _eager_scores(q, k, causal, scale)
+    """A row that `mask` leaves without any key gets out 0 and lse -inf (merging then ignores it)."""
+    s = _eager_scores(q, k, causal, scale, mask)
     lse = torch.logsumexp(s, dim=-1)
-    out = torch.exp(s - lse.unsqueeze(-1)) @ expand_kv(v, q.size(1)).to(s.dtype)
+    out = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)) @ expand_kv(v, q.size(1)).to(s.dtype)
     return out.to(q.dtype), lse
 
 
 def _eager_backward_with_lse(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    causal: bool, scale: float,
+    causal: bool, scale: float, mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(q.dtype)
     hq, hkv = q.size(1), k.size(1)
     do = dout.to(acc)
-    probs = torch.exp(_eager_scores(q, k, causal, scale) - lse.to(acc).unsqueeze(-1))
+    probs = torch.exp(_eager_scores(q, k, causal, scale, mask) - lse.to(acc).unsqueeze(-1))
     dv = probs.transpose(-1, -2) @ do
     dprobs = do @ expand_kv(v, hq).to(acc).transpose(-1, -2)
     dscores = probs * (dprobs - (do * out.to(acc)).sum(-1, keepdim=True))
@@ -151,16 +166,21 @@ def _empty_philox(q: torch.Tensor) -> torch.Tensor:
 
 
 def attention_forward_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one block and the log-sum-exp of its scaled scores: (out [b, hq, s, d], lse [b, hq, s]).
 
-    No autograd graph is recorded. out has q's dtype, lse float32 (float64 for float64 inputs).
+    No autograd graph is recorded. out has q's dtype, lse float32 (float64 for float64 inputs). With `mask`
+    ([b, 1, sq, sk] bool, e.g. document boundaries) the block runs in plain math (no fused kernel takes a mask and
+    returns lse); a row the mask leaves empty gets out 0 and lse -inf.
     """
     _check(q, k, v, causal)
     scale = _scale(q, scale)
     with torch.no_grad():
-        if _cpu_flash_usable(q):
+        if mask is not None:
+            out, lse = _eager_forward_with_lse(q, k, v, causal, scale, mask)
+        elif _cpu_flash_usable(q):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, 0.0, causal, scale=scale
             )
@@ -179,17 +199,19 @@ def attention_forward_with_lse(
 
 def attention_backward_with_lse(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    *, causal: bool, scale: float | None,
+    *, causal: bool, scale: float | None, mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of one block, given the final (merged) `out` and `lse` of the rows of `q`.
 
     `out`, `lse` and `dout` cover the same rows as `q`. dk and dv have hkv heads (summed over each query group).
-    No autograd graph is recorded.
+    No autograd graph is recorded. `mask` as in `attention_forward_with_lse`.
     """
     _check(q, k, v, causal)
     scale = _scale(q, scale)
     out, dout = out.to(q.dtype), dout.to(q.dtype)
     with torch.no_grad():
+        if mask is not None:
+            return _eager_backward_with_lse(dout, q, k, v, out, lse, causal, scale, mask)
         if _cpu_flash_usable(q):
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dout, q, k, v, out, lse.to(accumulation_dtype(q.dtype)), 0.0, causal, scale=scale

@@ -17,6 +17,10 @@ all_gather. Forward: K/V are gathered once (all-gather over the CP group) and ke
 query chunk attends to its causal prefix. Backward: dK/dV of the full sequence are reduce-scattered (fp32) back to
 the zigzag owners.
 
+Documents (--reset-attention-mask): with per-token document ids, every rank's ids are all-gathered once ([b, 2c]
+integers per rank) and each block is masked to the pairs in the same document (and causal on the diagonal); a block
+the mask leaves empty is skipped, and a query row with no key in a block takes no part in that block's merge.
+
 `ring_attention_comm_bytes` gives the bytes each rank sends and receives, for comparison with `comm.count_comm`.
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ from megalite.backends.attention import (
     accumulation_dtype,
     attention_backward_with_lse,
     attention_forward_with_lse,
+    document_mask,
 )
 from megalite.context_parallel.zigzag import zigzag_chunks, zigzag_shard, zigzag_unshard
 
@@ -69,8 +74,9 @@ def _merge_into(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, b
     """
     old = lse[..., rows]
     new = torch.logaddexp(old, block_lse.to(lse.dtype))
-    out[..., rows, :] = (out[..., rows, :] * torch.exp(old - new).unsqueeze(-1)
-                         + block_out.to(out.dtype) * torch.exp(block_lse - new).unsqueeze(-1))
+    finite = new.masked_fill(new == float("-inf"), 0.0)  # rows with no key yet stay (0, -inf)
+    out[..., rows, :] = (out[..., rows, :] * torch.exp(old - finite).unsqueeze(-1)
+                         + block_out.to(out.dtype) * torch.exp(block_lse - finite).unsqueeze(-1))
     lse[..., rows] = new
 
 
@@ -93,8 +99,16 @@ def ring_block(cp_rank: int, kv_rank: int, chunk: int, causal: bool) -> Block:
     return slice(chunk, 2 * chunk), both, False
 
 
+def _block_mask(documents_q: torch.Tensor | None, documents_k: torch.Tensor | None, rows: slice, cols: slice,
+                causal: bool) -> torch.Tensor | None:
+    """The document mask [b, 1, rows, cols] of a block (causal on the diagonal), or None without documents."""
+    if documents_q is None:
+        return None
+    return document_mask(documents_q[:, rows], documents_k[:, cols], causal)
+
+
 def _p2p_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: _Ring, causal: bool,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale: float, documents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     chunk = q.size(2) // 2
     out, lse = _empty_out_lse(q)
     kv = torch.stack([k, v])
@@ -103,19 +117,29 @@ def _p2p_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: _Ring,
         if step < ring.size - 1:
             kv_next = torch.empty_like(kv)
             requests = comm.batch_isend_irecv([(kv, ring.next)], [(kv_next, ring.prev)], ring.group)
-        rows, cols, block_causal = ring_block(ring.rank, (ring.rank - step) % ring.size, chunk, causal)
-        block_out, block_lse = attention_forward_with_lse(
-            q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], causal=block_causal, scale=scale
-        )
-        _merge_into(out, lse, block_out, block_lse, rows)
+        owner = (ring.rank - step) % ring.size
+        rows, cols, block_causal = ring_block(ring.rank, owner, chunk, causal)
+        mask = _block_mask(*_documents_of(documents, ring.rank, owner), rows, cols, block_causal)
+        if mask is None or mask.any():
+            block_out, block_lse = attention_forward_with_lse(
+                q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], causal=block_causal and mask is None,
+                scale=scale, mask=mask,
+            )
+            _merge_into(out, lse, block_out, block_lse, rows)
         comm.wait_all(requests, ring.group)
         kv = kv_next
     return out.to(q.dtype), lse
 
 
+def _documents_of(documents: torch.Tensor | None, rank: int, owner: int
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(this rank's document ids, those of the K/V block of `owner`) from every rank's [cp, b, 2c], or Nones."""
+    return (None, None) if documents is None else (documents[rank], documents[owner])
+
+
 def _p2p_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, ring: _Ring, causal: bool,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, ring: _Ring, causal: bool, scale: float,
+                  documents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     chunk, acc = q.size(2) // 2, accumulation_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
@@ -130,15 +154,18 @@ def _p2p_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             sends.append((passing_dkv, ring.next))
             recvs.append((dkv_in, ring.prev))
         requests = comm.batch_isend_irecv(sends, recvs, ring.group)
-        rows, cols, block_causal = ring_block(ring.rank, (ring.rank - step) % ring.size, chunk, causal)
-        block_dq, block_dk, block_dv = attention_backward_with_lse(
-            dout[..., rows, :], q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], out[..., rows, :],
-            lse[..., rows], causal=block_causal, scale=scale,
-        )
-        dq[..., rows, :] += block_dq
+        owner = (ring.rank - step) % ring.size
+        rows, cols, block_causal = ring_block(ring.rank, owner, chunk, causal)
+        mask = _block_mask(*_documents_of(documents, ring.rank, owner), rows, cols, block_causal)
         dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
-        dkv[0][..., cols, :] = block_dk
-        dkv[1][..., cols, :] = block_dv
+        if mask is None or mask.any():
+            block_dq, block_dk, block_dv = attention_backward_with_lse(
+                dout[..., rows, :], q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], out[..., rows, :],
+                lse[..., rows], causal=block_causal and mask is None, scale=scale, mask=mask,
+            )
+            dq[..., rows, :] += block_dq
+            dkv[0][..., cols, :] = block_dk
+            dkv[1][..., cols, :] = block_dv
         comm.wait_all(requests, ring.group)
         if dkv_in is not None:
             dkv += dkv_in
@@ -160,16 +187,16 @@ class _RingAttentionP2P(torch.autograd.Function):
     following their block back to the owner (cp-1 sends each per rank)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ring: _Ring, causal: bool, scale: float):
-        out, lse = _p2p_forward(q, k, v, ring, causal, scale)
+    def forward(ctx, q, k, v, ring: _Ring, causal: bool, scale: float, documents: torch.Tensor | None):
+        out, lse = _p2p_forward(q, k, v, ring, causal, scale, documents)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.causal, ctx.scale = ring, causal, scale
+        ctx.ring, ctx.causal, ctx.scale, ctx.documents = ring, causal, scale, documents
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        dq, dk, dv = _p2p_backward(dout, *ctx.saved_tensors, ctx.ring, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = _p2p_backward(dout, *ctx.saved_tensors, ctx.ring, ctx.causal, ctx.scale, ctx.documents)
+        return dq, dk, dv, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------------ all-gather
@@ -206,17 +233,22 @@ class _AllGatherAttention(torch.autograd.Function):
     """forward: all-gather K/V over the CP group (kept for the backward); backward: reduce-scatter dK/dV (fp32)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, ring: _Ring, causal: bool, scale: float):
+    def forward(ctx, q, k, v, ring: _Ring, causal: bool, scale: float, documents: torch.Tensor | None):
         kv = _gather_kv(k, v, ring)
+        full = None if documents is None else zigzag_unshard(list(documents.unbind(0)), dim=1)
+        mine = None if documents is None else documents[ring.rank]
         out, lse = _empty_out_lse(q)
         for rows, cols, block_causal in prefix_blocks(ring.rank, ring.size, q.size(2) // 2, causal):
-            block_out, block_lse = attention_forward_with_lse(
-                q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], causal=block_causal, scale=scale
-            )
-            _merge_into(out, lse, block_out, block_lse, rows)
+            mask = _block_mask(mine, full, rows, cols, block_causal)
+            if mask is None or mask.any():
+                block_out, block_lse = attention_forward_with_lse(
+                    q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], causal=block_causal and mask is None,
+                    scale=scale, mask=mask,
+                )
+                _merge_into(out, lse, block_out, block_lse, rows)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, kv, out, lse)
-        ctx.ring, ctx.causal, ctx.scale = ring, causal, scale
+        ctx.ring, ctx.causal, ctx.scale, ctx.documents = ring, causal, scale, (mine, full)
         return out
 
     @staticmethod
@@ -226,27 +258,31 @@ class _AllGatherAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
         for rows, cols, block_causal in prefix_blocks(ring.rank, ring.size, q.size(2) // 2, ctx.causal):
+            mask = _block_mask(*ctx.documents, rows, cols, block_causal)
+            if mask is not None and not mask.any():
+                continue
             block_dq, block_dk, block_dv = attention_backward_with_lse(
                 dout[..., rows, :], q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], out[..., rows, :],
-                lse[..., rows], causal=block_causal, scale=ctx.scale,
+                lse[..., rows], causal=block_causal and mask is None, scale=ctx.scale, mask=mask,
             )
             dq[..., rows, :] += block_dq
             dkv[0][..., cols, :] += block_dk
             dkv[1][..., cols, :] += block_dv
         mine = _scatter_dkv(dkv, ring)
-        return dq.to(q.dtype), mine[0].to(kv.dtype), mine[1].to(kv.dtype), None, None, None
+        return dq.to(q.dtype), mine[0].to(kv.dtype), mine[1].to(kv.dtype), None, None, None, None
 
 
 # -------------------------------------------------------------------------------------------------------- public
 def ring_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group: dist.ProcessGroup, group_ranks: list[int],
-    causal: bool = True, scale: float | None = None, comm_type: str = "p2p",
+    causal: bool = True, scale: float | None = None, comm_type: str = "p2p", documents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable attention of this CP rank's zigzag shard against the whole sequence; returns the local output.
 
     q [b, hq, 2c, d], k and v [b, hkv, 2c, d] are this rank's zigzag shards (c = s / (2 cp)); `group_ranks` are
     the CP group's global ranks in ring order. comm_type 'p2p' (ring) or 'all_gather'. With one CP rank this is
-    plain attention with no communication.
+    plain attention with no communication. `documents` [b, 2c]: this shard's document ids (ids of the whole
+    sequence, sharded like the tokens): attention stays inside each document.
     """
     if comm_type not in COMM_TYPES:
         raise ValueError(f"unknown --cp-comm-type {comm_type!r}; choose one of {', '.join(COMM_TYPES)}")
@@ -260,7 +296,14 @@ def ring_attention(
     ring = _Ring(group, tuple(group_ranks), list(group_ranks).index(dist.get_rank()))
     scale = q.size(-1) ** -0.5 if scale is None else scale
     function = _AllGatherAttention if comm_type == "all_gather" and ring.size > 1 else _RingAttentionP2P
-    return function.apply(q, k, v, ring, causal, scale)
+    every = None
+    if documents is not None:  # every rank's ids: [cp, b, 2c]
+        every = documents.unsqueeze(0)
+        if ring.size > 1:
+            every = documents.new_empty((ring.size * documents.shape[0], *documents.shape[1:]))
+            comm.all_gather_into_tensor(every, documents.contiguous(), ring.group)
+            every = every.view(ring.size, *documents.shape)
+    return function.apply(q, k, v, ring, causal, scale, every)
 
 
 def ring_attention_comm_bytes(

@@ -10,6 +10,7 @@ The last stage returns this rank's vocab-parallel logits; the loss is the step's
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megalite.backends.attention import attention
+from megalite.backends.documents import document_attention
 from megalite.backends.norms import build_norm
 from megalite.config import ModelConfig
 from megalite.context import ModelContext, ParallelKnobs
@@ -103,19 +105,24 @@ class SelfAttention(torch.nn.Module):
         self.proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, groups.tp, context,
                                       bias=bias, std=output_std(cfg))
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of [b, h, s, d] tensors: ring attention over the CP group, else the back-end's kernel."""
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             documents: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of [b, h, s, d] tensors: ring attention over the CP group, else the back-end's kernel; with
+        document ids [b, s], only within each document."""
         knobs = self.context.knobs
         if len(self.cp_ranks) > 1 and knobs.context_parallel:
             return ring_attention(q, k, v, group=self.cp_group, group_ranks=self.cp_ranks, causal=True,
-                                  comm_type=knobs.cp_comm_type)
+                                  comm_type=knobs.cp_comm_type, documents=documents)
         p = self.dropout_p if self.training else 0.0
+        kernel = functools.partial(attention, backend=self.backend) if documents is None else \
+            functools.partial(document_attention, documents=documents, backend=self.backend)
         if p == 0.0:
-            return attention(q, k, v, causal=True, backend=self.backend)
+            return kernel(q, k, v, causal=True)
         with self.context.rng.fork(TP_RNG):
-            return attention(q, k, v, causal=True, dropout_p=p, backend=self.backend)
+            return kernel(q, k, v, causal=True, dropout_p=p)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, cache: CacheStep | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: CacheStep | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
         # split, not three slices: its backward concatenates the three gradients once instead of zero-filling
@@ -132,9 +139,9 @@ class SelfAttention(torch.nn.Module):
         if cache is not None:
             out = cache.attend(self.layer, q, k, v)
         elif self.selective_recompute:
-            out = recompute(self.context, self.core, q, k, v)
+            out = recompute(self.context, functools.partial(self.core, documents=documents), q, k, v)
         else:
-            out = self.core(q, k, v)
+            out = self.core(q, k, v, documents)
         return self.proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))
 
 
@@ -159,10 +166,11 @@ class TransformerLayer(torch.nn.Module):
                                        cfg.apply_layernorm_1p)
         self.mlp = build_mlp(cfg, groups, context, layer)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, cache: CacheStep | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: CacheStep | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         split = sequence_parallel(self.context, self.tp_group)
         drop = lambda t: _dropout(t, self.hidden_dropout, self.training, self.context, split)  # noqa: E731
-        x = x + drop(self.attention(self.input_norm(x), rotary, cache))
+        x = x + drop(self.attention(self.input_norm(x), rotary, cache, documents))
         return x + drop(self.mlp(self.pre_mlp_norm(x)))
 
 
@@ -220,17 +228,20 @@ class GPTModel(torch.nn.Module):
         hidden: torch.Tensor | None = None,
         knobs: ParallelKnobs | None = None,
         cache: CacheStep | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens/position_ids [b, s] (this CP rank's shard). First stage: from `tokens`; other stages: from `hidden`
         [s(/t), b, h]. Returns this rank's vocab-parallel logits [b, s, v/t] on the last stage, hidden states on the
         others. `knobs` replaces the context's parallel knobs for this call; `cache` (generation, with sequence
         parallelism and ring attention off) makes attention read and extend the KV cache, and the last stage return
-        the last position's logits only (unless the cache step asks for all)."""
+        the last position's logits only (unless the cache step asks for all). `document_ids` [b, s] (this CP
+        rank's shard; --reset-attention-mask): attention stays inside each document."""
         with self.context.using(knobs) if knobs is not None else contextlib.nullcontext():
-            return self._forward(tokens, position_ids, hidden, cache)
+            return self._forward(tokens, position_ids, hidden, cache, document_ids)
 
     def _forward(self, tokens: torch.Tensor | None, position_ids: torch.Tensor | None,
-                 hidden: torch.Tensor | None, cache: CacheStep | None) -> torch.Tensor:
+                 hidden: torch.Tensor | None, cache: CacheStep | None,
+                 documents: torch.Tensor | None) -> torch.Tensor:
         split = sequence_parallel(self.context, self.groups.tp)
         if self.pre_process:
             hidden = self.embedding(tokens.t())
@@ -242,10 +253,10 @@ class GPTModel(torch.nn.Module):
         rotary = rotary_cos_sin(position_ids, self.cfg.head_size, self.cfg.rotary_base, hidden.dtype)
         for layer in self.layers.values():
             if self.full_recompute and cache is None:
-                hidden = recompute(self.context, lambda h, cos, sin, layer=layer: layer(h, (cos, sin)), hidden,
-                                   *rotary)
+                hidden = recompute(self.context, lambda h, cos, sin, layer=layer: layer(h, (cos, sin), None, documents),
+                                   hidden, *rotary)
             else:
-                hidden = layer(hidden, rotary, cache)
+                hidden = layer(hidden, rotary, cache, documents)
         if not self.post_process:
             return hidden
         if cache is not None and not cache.all_logits:  # generation reads the last position's logits only

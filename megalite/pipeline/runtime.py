@@ -207,7 +207,8 @@ class PipelineRuntime:
                 out = self.outputs.pop(prev) if self.schedule.forward_only else self.outputs[prev]
                 self.inputs[key] = out.detach().requires_grad_(torch.is_grad_enabled())
             hidden = self.inputs.pop(key) if self.schedule.forward_only else self.inputs[key]
-        out = self.chunks[a.chunk](batch["tokens"] if stage == 0 else None, batch.get("position_ids"), hidden)
+        out = self.chunks[a.chunk](batch["tokens"] if stage == 0 else None, batch.get("position_ids"), hidden,
+                                   document_ids=batch.get("document_ids"))
         if last:
             out = self.last_stage(out, a.microbatch)
             if self.schedule.forward_only:

@@ -73,7 +73,8 @@ def _run_case(case, group, group_ranks, cp_rank, cp, heads):
     q.requires_grad_()
     blocks = []
 
-    def recording(q_block, k_block, v_block, *, causal, scale):
+    def recording(q_block, k_block, v_block, *, causal, scale, mask=None):
+        assert mask is None
         blocks.append((q_block.size(2), k_block.size(2), causal))
         return forward(q_block, k_block, v_block, causal=causal, scale=scale)
 
