@@ -197,6 +197,7 @@ def resolve(c: MegaliteConfig, world_size: int) -> tuple[MegaliteConfig, Derived
                                   attention_backend=MEGATRON_ATTENTION.get(m.attention_backend, m.attention_backend)),
         training=dataclasses.replace(t, global_batch_size=gbs, train_iters=iters, train_samples=samples, **schedule),
         data=data,
+        sft=c.sft,
         megatron=c.megatron,
     )
     derived = Derived(**dataclasses.asdict(d), virtual_pipeline_size=vpp, train_iters=iters, train_samples=samples,

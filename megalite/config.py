@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megalite.compat import MegatronCompatConfig
+from megalite.sft.config import SFTConfig
 
 RANK_ORDER_DIMS = ("tp", "cp", "ep", "dp", "pp")
 
@@ -333,6 +334,8 @@ class DataConfig:
     reset_position_ids: bool = False
     """Restart the position ids after every end-of-document token, so rotary positions count from each document's
     start."""
+    reset_attention_mask: bool = False
+    """Attention stays inside each document (after every end-of-document token; with --sft, each conversation)."""
 
 
 @dataclass
@@ -343,6 +346,7 @@ class MegaliteConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     megatron: MegatronCompatConfig = field(default_factory=MegatronCompatConfig)
 
 
@@ -351,6 +355,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "training": TrainingConfig,
     "data": DataConfig,
+    "sft": SFTConfig,
     "megatron": MegatronCompatConfig,
 }
 

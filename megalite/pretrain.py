@@ -34,6 +34,14 @@ from megalite.training import check_scheduler, checkpoint_meta, save, train
 def describe_data(config: MegaliteConfig, train_ds, valid_ds) -> str:
     """The data a run trains on, for the start-up log."""
     d, s = config.data, config.model.seq_length
+    if config.sft.sft:
+        lines = [f"data: --sft on {' '.join(d.data_path)}, {'one conversation per sample' if config.sft.no_pack else 'packed'}"
+                 f" into samples of {s} tokens; tokenizer {d.tokenizer_model or d.tokenizer_type}"]
+        lines += [f"  {ds.stats.line(name)}" for name, ds in (("train", train_ds), ("validation", valid_ds)) if ds]
+        if not config.sft.no_pack and not d.reset_attention_mask:
+            lines.append("  note: packed conversations attend to each other; --reset-attention-mask (and "
+                         "--reset-position-ids) keep them apart")
+        return "\n".join(lines)
     source = (f"--data-path {' '.join(d.data_path)}" if d.data_path else "--mock-data" if d.mock_data else
               "the embedded corpus (the interpreter's standard-library sources)")
     valid = f", validation {len(valid_ds)} samples" if valid_ds is not None else ""
@@ -62,6 +70,10 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     """Initialise the processes, build everything from `config`, train, and log a summary."""
     from megalite.data import build_gpt_datasets, samples_per_epoch
     from megalite.data.tokenizers import build_tokenizer
+    from megalite.sft.dataset import build_sft_datasets, sft_samples_per_epoch
+
+    build_datasets, epoch_samples = ((build_sft_datasets, sft_samples_per_epoch) if config.sft.sft else
+                                     (build_gpt_datasets, samples_per_epoch))
 
     started = time.perf_counter()
     init_distributed(config.parallel.distributed_backend, config.parallel.distributed_timeout_minutes)
@@ -70,7 +82,7 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     tokenizer = build_tokenizer(config.data, config.model.vocab_size)
     config = with_vocab_size(config, tokenizer.vocab_size)
     if derived.train_iters is None:
-        config, iters = derive_train_length_from_epochs(config, samples_per_epoch(config, tokenizer))
+        config, iters = derive_train_length_from_epochs(config, epoch_samples(config, tokenizer))
         derived = dataclasses.replace(derived, train_iters=iters, train_samples=config.training.train_samples)
     if first_rank:
         first_rank.info(derived.table())
@@ -82,7 +94,7 @@ def pretrain(config: MegaliteConfig) -> TrainState:
     eval_samples = 0
     if t.eval_interval:
         eval_samples = (derived.train_iters // t.eval_interval + 1) * t.eval_iters * derived.global_batch_size
-    train_ds, valid_ds, _ = build_gpt_datasets(config, tokenizer, (derived.train_samples, eval_samples, 0))
+    train_ds, valid_ds, _ = build_datasets(config, tokenizer, (derived.train_samples, eval_samples, 0))
     check_splits(config, train_ds, valid_ds)
     log = Logger(run)
     log.line(describe_data(config, train_ds, valid_ds))

@@ -188,15 +188,17 @@ class GPTDataset(torch.utils.data.Dataset):
 
     `ds[i]` is a dict of tensors: `tokens` and `labels` (int64, labels = tokens shifted by one), `loss_mask`
     (float32; 0 where the input token is end-of-document when `eod_mask_loss`, as Megatron-LM masks it) and
-    `position_ids` (int64: 0..seq_length-1, or restarting after each EOD with `reset_position_ids`).
+    `position_ids` (int64: 0..seq_length-1, or restarting after each EOD with `reset_position_ids`); with
+    `reset_attention_mask`, `document_ids` (int64, +1 after each EOD), inside which attention stays.
     """
 
     def __init__(self, source: TokenSource, indices: tuple[np.ndarray, np.ndarray, np.ndarray], seq_length: int,
-                 eod: int, eod_mask_loss: bool, from_cache: bool = False, reset_position_ids: bool = False):
+                 eod: int, eod_mask_loss: bool, from_cache: bool = False, reset_position_ids: bool = False,
+                 reset_attention_mask: bool = False):
         self.source = source
         self.document_index, self.sample_index, self.shuffle_index = indices
         self.seq_length, self.eod, self.eod_mask_loss = seq_length, eod, eod_mask_loss
-        self.reset_position_ids = reset_position_ids
+        self.reset_position_ids, self.reset_attention_mask = reset_position_ids, reset_attention_mask
         self.from_cache = from_cache  # whether the indices were loaded from the cache rather than built
 
     def __len__(self) -> int:
@@ -221,13 +223,23 @@ class GPTDataset(torch.utils.data.Dataset):
         loss_mask = torch.ones(self.seq_length, dtype=torch.float32)
         if self.eod_mask_loss:
             loss_mask[tokens == self.eod] = 0.0
-        return {
+        sample = {
             "tokens": tokens,
             "labels": labels,
             "loss_mask": loss_mask,
             "position_ids": document_position_ids(tokens, self.eod) if self.reset_position_ids
             else torch.arange(self.seq_length, dtype=torch.int64),
         }
+        if self.reset_attention_mask:
+            sample["document_ids"] = document_ids(tokens, self.eod)
+        return sample
+
+
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """Document ids [s]: 0 for the first document, +1 on the token after each end-of-document token."""
+    ids = torch.zeros_like(tokens)
+    ids[1:] = torch.cumsum(tokens[:-1] == eod, dim=0)
+    return ids
 
 
 class BlendedDataset(torch.utils.data.Dataset):
@@ -327,7 +339,8 @@ def _build_split(config: MegaliteConfig, tokenizer: Tokenizer, sources: list[Sou
             functools.partial(build_gpt_indices, source.sequence_lengths, begin, end, wanted, seq_length, seed),
         )
         parts.append((weight, GPTDataset(source, indices, seq_length, tokenizer.eod, config.data.eod_mask_loss,
-                                         from_cache, config.data.reset_position_ids)))
+                                         from_cache, config.data.reset_position_ids,
+                                         config.data.reset_attention_mask)))
     if not parts:  # an empty split; `engine.checks.check_splits` refuses it where a flag needs it
         return None
     if len(parts) == 1:

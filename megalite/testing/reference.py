@@ -1,5 +1,6 @@
-"""Train a few steps of any layout on a deterministic synthetic dataset and collect what the single-process run
-must reproduce: the loss of every step and the full (gathered) parameters afterwards."""
+"""Train a few steps of any layout on a deterministic synthetic dataset (or, with --sft, the conversation files the
+flags name) and collect what the single-process run must reproduce: the loss of every step and the full (gathered)
+parameters afterwards."""
 from __future__ import annotations
 
 import torch
@@ -56,8 +57,9 @@ def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None, 
     init_distributed("gloo")
     config, derived = resolve(parse_args(argv), dist.get_world_size())
     run = setup(config, derived)
-    dataset = SyntheticDataset(config.model.vocab_size, config.model.seq_length, 1 << 30,
-                               documents=config.data.reset_position_ids, extras=loss is not None)
+    dataset = sft_dataset(config) if config.sft.sft else SyntheticDataset(
+        config.model.vocab_size, config.model.seq_length, 1 << 30, documents=config.data.reset_position_ids,
+        extras=loss is not None)
     state = TrainState()
     if load is not None:
         state = load_checkpoint(load, run, checkpoint_meta(run)).state
@@ -78,6 +80,14 @@ def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None, 
     result = {"losses": losses, "params": params, "logs": run.logs}
     ps.destroy_model_parallel(run.groups)
     return result
+
+
+def sft_dataset(config) -> torch.utils.data.Dataset:
+    """The --sft training set the flags name (conversation files, packed)."""
+    from megalite.data.tokenizers import build_tokenizer
+    from megalite.sft.dataset import build_sft_datasets
+
+    return build_sft_datasets(config, build_tokenizer(config.data, config.model.vocab_size), (1 << 20, 0, 0))[0]
 
 
 def merged_params(results: list[dict]) -> dict[str, torch.Tensor]:
