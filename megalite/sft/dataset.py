@@ -33,7 +33,7 @@ from megalite.data.gpt_dataset import parse_split, rank_zero_first, split_ranges
 from megalite.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, get_bin_path, get_idx_path, \
     token_dtype
 from megalite.data.tokenizers import Tokenizer
-from megalite.errors import ConfigError, DataError
+from megalite.errors import DataError
 from megalite.sft.chat import ChatFormat, build_chat_format
 from megalite.sft.conversations import read_conversations
 
@@ -69,6 +69,8 @@ def _cache_key(path: Path, config: MegaliteConfig, chat: ChatFormat) -> str:
 
 def _tokenize_file(path: Path, config: MegaliteConfig, chat: ChatFormat, vocab_size: int
                    ) -> tuple[IndexedDataset, IndexedDataset, list[str]]:
+    if not path.is_file():
+        raise DataError(f"--data-path {path}: no such file (with --sft, give JSON-lines conversation files)")
     cache = Path(config.data.data_cache_path or path.resolve().parent / "cache" / "SFTDataset")
     prefix = str(cache / f"{path.stem}-{_cache_key(path, config, chat)}")
     meta = Path(prefix + ".json")
@@ -97,15 +99,7 @@ def _tokenize_file(path: Path, config: MegaliteConfig, chat: ChatFormat, vocab_s
 
 def tokenize_conversations(config: MegaliteConfig, tokenizer: Tokenizer) -> Tokenized:
     """Every conversation of --data-path, tokenized (or read from the cache)."""
-    paths = config.data.data_path or []
-    if not paths:
-        raise ConfigError("--sft needs --data-path FILE.jsonl [FILE.jsonl ...]: conversation files")
-    for p in paths:
-        try:
-            float(p)
-        except ValueError:
-            continue
-        raise ConfigError(f"--data-path {' '.join(paths)}: weights are not supported with --sft; give the files only")
+    paths = config.data.data_path or []  # checked by validation.training.sft_data_given
     chat = build_chat_format(config.sft, tokenizer, config.data.tokenizer_model)
     parts = [_tokenize_file(Path(p), config, chat, tokenizer.vocab_size) for p in paths]
     return Tokenized([p[0] for p in parts], [p[1] for p in parts], [w for p in parts for w in p[2]])

@@ -57,6 +57,8 @@ RULES: tuple[Rule, ...] = (
     training.data_path_well_formed,
     training.split_well_formed,
     training.tokenizer_model_given,
+    training.sft_data_given,
+    training.document_masks_supported,
     compat.fp8_refused,
     compat.decoupled_lr_refused,
     compat.rampup_batch_size_refused,

@@ -131,7 +131,7 @@ def save_interval_needs_save(c: MegaliteConfig, d: Defaults) -> str | None:
 
 def data_path_well_formed(c: MegaliteConfig, d: Defaults) -> str | None:
     data = c.data
-    if data.data_path is None:
+    if data.data_path is None or c.sft.sft:  # conversation files: `sft_data_given`
         return None
     weighted = split_weights(data.data_path)
     if weighted is None or any(w < 0 for w, _ in weighted) or sum(w for w, _ in weighted) <= 0:
@@ -159,4 +159,22 @@ def tokenizer_model_given(c: MegaliteConfig, d: Defaults) -> str | None:
     data = c.data
     if data.tokenizer_type == "HuggingFaceTokenizer" and not data.tokenizer_model:
         return "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH/tokenizer.json."
+    return None
+
+
+def sft_data_given(c: MegaliteConfig, d: Defaults) -> str | None:
+    if not c.sft.sft:
+        return None
+    if not c.data.data_path or c.data.mock_data:
+        return "--sft needs --data-path FILE.jsonl [FILE.jsonl ...] (conversation files), not --mock-data."
+    numbers = [p for p in c.data.data_path if p.replace(".", "", 1).isdigit()]
+    if numbers:
+        return f"--sft --data-path: weights ({' '.join(numbers)}) are not supported; give the conversation files only."
+    return None
+
+
+def document_masks_supported(c: MegaliteConfig, d: Defaults) -> str | None:
+    if c.data.reset_attention_mask and c.model.attention_backend == "te":
+        return ("--reset-attention-mask is not supported with --attention-backend te; use flash, sdpa, eager or "
+                "auto.")
     return None

@@ -3,6 +3,7 @@ masked exactly as transformers' `apply_chat_template(..., return_assistant_token
 from the template without {% generation %} marks; the built-in format; best-fit-decreasing packing; and the fields of
 a packed sample (no loss across conversations, positions and documents restarting)."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -152,3 +153,21 @@ def test_packed_samples(tmp_path):
         build_sft_datasets(parse_args(argv[:3] + ["--seq-length", "16", "--sft-overlong", "error"] + argv[5:]),
                            tokenizer, (1, 0, 0))
     assert np.isclose(train.stats.padding, 1 - sum(train.lengths.values()) / (train.stats.bins * 161))
+    assert train.stats.bins < 6  # packed: fewer samples than conversations
+    padded = build_sft_datasets(parse_args(argv + ["--no-pack"]), tokenizer, (6, 0, 0))[0]
+    assert padded.stats.bins == 6 and all(len(b) == 1 for b in padded.bins)
+    assert all(padded[i]["document_ids"].max() == 1 for i in range(6))  # one conversation, then padding
+
+
+def test_weighted_sft_data_is_refused():
+    from megalite.arguments import resolve
+    from megalite.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape("--sft --data-path: weights (1) are not supported")):
+        resolve(parse_args(["--sft", "--data-path", "1", "a.jsonl"]), 1)
+
+
+def test_a_missing_conversation_file_is_named(tmp_path):
+    argv = ["--sft", "--data-path", str(tmp_path / "nope.jsonl"), "--vocab-size", "257"]
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        build_sft_datasets(parse_args(argv), ByteTokenizer(), (1, 0, 0))
