@@ -62,26 +62,28 @@ def build_parser(prog: str = "megalite train") -> argparse.ArgumentParser:
         description="Pretrain a GPT model. Derived values are computed, checked and printed at start-up.",
     )
     for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(section, cls.__doc__)
-        hints = typing.get_type_hints(cls)
-        docs = field_docs(cls)
-        default = cls()
-        for f in dataclasses.fields(cls):
-            _add_field(group, f.name, hints[f.name], docs[f.name], getattr(default, f.name))
+        add_config_group(parser, section, cls)
     return parser
+
+
+def add_config_group(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
+    """One flag per field of config dataclass `cls`, in an argument group named `section`."""
+    group = parser.add_argument_group(section, cls.__doc__)
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    default = cls()
+    for f in dataclasses.fields(cls):
+        _add_field(group, f.name, hints[f.name], docs[f.name], getattr(default, f.name))
+
+
+def section_from_namespace(ns: argparse.Namespace, cls: type):
+    """An instance of config dataclass `cls` from parsed flags (flags not given keep the defaults)."""
+    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if getattr(ns, f.name, None) is not None})
 
 
 def config_from_namespace(ns: argparse.Namespace) -> MegaliteConfig:
     """Build a config from parsed flags: flags that were not given keep the dataclass defaults."""
-    sections = {}
-    for section, cls in SECTIONS.items():
-        given = {
-            f.name: getattr(ns, f.name)
-            for f in dataclasses.fields(cls)
-            if getattr(ns, f.name, None) is not None
-        }
-        sections[section] = cls(**given)
-    return MegaliteConfig(**sections)
+    return MegaliteConfig(**{section: section_from_namespace(ns, cls) for section, cls in SECTIONS.items()})
 
 
 def fill_fields(ns: argparse.Namespace, fields: dict[str, object], source: str) -> None:

@@ -6,6 +6,7 @@ from megalite.subcommands import dispatch
 PLANS = {
     "pipeline": ("megalite.pipeline.simulator", "simulate pipeline schedules: bubble and peak activations"),
     "memory": ("megalite.plan_memory", "per-rank memory estimate of a training run, on the meta device"),
+    "rl": ("megalite.rl.plan_cli", "an RL job's derived step counts and per-rank memory (--ppo-* flags)"),
 }
 
 
