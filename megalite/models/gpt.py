@@ -167,11 +167,12 @@ class TransformerLayer(torch.nn.Module):
         self.mlp = build_mlp(cfg, groups, context, layer)
 
     def forward(self, x: torch.Tensor, rotary: Rotary, cache: CacheStep | None = None,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                documents: torch.Tensor | None = None, replay: torch.Tensor | None = None) -> torch.Tensor:
         split = sequence_parallel(self.context, self.tp_group)
         drop = lambda t: _dropout(t, self.hidden_dropout, self.training, self.context, split)  # noqa: E731
         x = x + drop(self.attention(self.input_norm(x), rotary, cache, documents))
-        return x + drop(self.mlp(self.pre_mlp_norm(x)))
+        h = self.pre_mlp_norm(x)
+        return x + drop(self.mlp(h, replay) if isinstance(self.mlp, MoELayer) else self.mlp(h))
 
 
 class GPTModel(torch.nn.Module):
@@ -229,19 +230,21 @@ class GPTModel(torch.nn.Module):
         knobs: ParallelKnobs | None = None,
         cache: CacheStep | None = None,
         document_ids: torch.Tensor | None = None,
+        routed_experts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens/position_ids [b, s] (this CP rank's shard). First stage: from `tokens`; other stages: from `hidden`
         [s(/t), b, h]. Returns this rank's vocab-parallel logits [b, s, v/t] on the last stage, hidden states on the
         others. `knobs` replaces the context's parallel knobs for this call; `cache` (generation, with sequence
         parallelism and ring attention off) makes attention read and extend the KV cache, and the last stage return
         the last position's logits only (unless the cache step asks for all). `document_ids` [b, s] (this CP
-        rank's shard; --reset-attention-mask): attention stays inside each document."""
+        rank's shard; --reset-attention-mask): attention stays inside each document. `routed_experts` [b, s, MoE
+        layers, k] (this CP rank's shard; routing replay): every MoE layer routes to the recorded experts."""
         with self.context.using(knobs) if knobs is not None else contextlib.nullcontext():
-            return self._forward(tokens, position_ids, hidden, cache, document_ids)
+            return self._forward(tokens, position_ids, hidden, cache, document_ids, routed_experts)
 
     def _forward(self, tokens: torch.Tensor | None, position_ids: torch.Tensor | None,
                  hidden: torch.Tensor | None, cache: CacheStep | None,
-                 documents: torch.Tensor | None) -> torch.Tensor:
+                 documents: torch.Tensor | None, replay: torch.Tensor | None) -> torch.Tensor:
         split = sequence_parallel(self.context, self.groups.tp)
         if self.pre_process:
             hidden = self.embedding(tokens.t())
@@ -253,10 +256,10 @@ class GPTModel(torch.nn.Module):
         rotary = rotary_cos_sin(position_ids, self.cfg.head_size, self.cfg.rotary_base, hidden.dtype)
         for layer in self.layers.values():
             if self.full_recompute and cache is None:
-                hidden = recompute(self.context, lambda h, cos, sin, layer=layer: layer(h, (cos, sin), None, documents),
-                                   hidden, *rotary)
+                hidden = recompute(self.context, lambda h, cos, sin, layer=layer: layer(h, (cos, sin), None, documents,
+                                                                                         replay), hidden, *rotary)
             else:
-                hidden = layer(hidden, rotary, cache, documents)
+                hidden = layer(hidden, rotary, cache, documents, replay)
         if not self.post_process:
             return hidden
         if cache is not None and not cache.all_logits:  # generation reads the last position's logits only

@@ -45,6 +45,8 @@ class MoELayer(torch.nn.Module):
                              f"{cfg.num_experts}")
         self.tp_group, self.tp_size, self.context = groups.tp, groups.size("tp"), context
         self.router = TopKRouter(cfg, groups, context, layer)
+        self.moe_index = sum(cfg.is_moe_layer(i) for i in range(layer))
+        """This layer's position among the model's MoE layers (its column of a routing-replay tensor)."""
         self.dispatcher = AllToAllDispatcher(cfg.num_experts, groups)
         self.experts = LocalExperts(cfg, groups, context, ffn, output_std(cfg))
         self.shared_expert = self.shared_expert_gate = None
@@ -59,10 +61,17 @@ class MoELayer(torch.nn.Module):
                              replicated_over=("tp",) if sequence_parallel(context, groups.tp) else ())
             self.shared_expert_gate = set_spec(torch.nn.Parameter(torch.empty(spec.local_shape)), spec)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [s, b, h] (replicated over TP) or [s/t, b, h] (sequence parallel) -> the same shape."""
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> torch.Tensor:
+        """x [s, b, h] (replicated over TP) or [s/t, b, h] (sequence parallel) -> the same shape. `replay`
+        [b, s, MoE layers, k] (routing replay: the experts of every token of this CP rank's sequence, every MoE
+        layer): this layer routes its tokens to their recorded experts."""
         split = sequence_parallel(self.context, self.tp_group)
         flat, pad = x.reshape(-1, x.shape[-1]), 0
+        chosen = None
+        if replay is not None:  # this layer's experts, s-major like the tokens: [s b, k]
+            chosen = replay[:, :, self.moe_index].transpose(0, 1).reshape(-1, replay.shape[-1])
+            if split:
+                chosen = chosen.view(self.tp_size, -1, chosen.shape[-1])[dist.get_rank(self.tp_group)]
         if not split:
             # each TP rank takes 1/t of the flattened [s b] rows (s-major: the same rows as slicing s); a count
             # that does not divide (generation: few tokens per step) is padded with rows that go nowhere
@@ -73,7 +82,10 @@ class MoELayer(torch.nn.Module):
             if pad:
                 flat = F.pad(flat, (0, 0, 0, pad))
             flat = mappings.scatter_to_sequence_parallel_region(flat, self.tp_group)
-        routing = self.router(flat)
+            if chosen is not None and self.tp_size > 1:
+                chosen = F.pad(chosen, (0, 0, 0, pad)).view(self.tp_size, -1, chosen.shape[-1])[
+                    dist.get_rank(self.tp_group)]
+        routing = self.router(flat, chosen)
         keep = routing.keep
         if pad:
             real = self._real_rows(flat.shape[0], x.numel() // x.shape[-1]).unsqueeze(1).expand_as(routing.indices)

@@ -3,7 +3,7 @@
 Scores are softmax over the experts or a per-expert sigmoid. The k experts with the highest score (plus the expert
 bias, when aux-loss-free balancing is on) are chosen; their combine weights are the unbiased scores of the chosen
 experts, as they are (`--moe-router-pre-softmax`) or normalised to sum to one over the k chosen. The bias changes
-the choice only, never a weight.
+the choice only, never a weight. Routing replay (RL) takes the experts as given and recomputes their weights.
 
 Every rank routes its own tokens (the MoE layer gives each TP rank a different slice), so the load-balancing loss,
 which belongs to one microbatch of one data-parallel replica, is assembled over the TP x CP group: token counts are
@@ -44,6 +44,20 @@ def topk_routing(logits: torch.Tensor, topk: int, score_function: str, pre_softm
     scores = torch.softmax(logits, dim=-1) if score_function == "softmax" else torch.sigmoid(logits)
     choice = scores.detach() if expert_bias is None else scores.detach() + expert_bias
     indices = torch.topk(choice, topk, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if not pre_softmax:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def replayed_routing(logits: torch.Tensor, indices: torch.Tensor, score_function: str, pre_softmax: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing replay: the given experts [T, k], with combine weights computed as `topk_routing` computes them (the
+    scores at those experts, normalised over the k unless pre-softmax), so their gradients reach the router."""
+    if indices.shape != (logits.shape[0], indices.shape[-1]) or indices.min() < 0 or indices.max() >= logits.shape[1]:
+        raise ValueError(f"replayed experts {tuple(indices.shape)} do not fit {logits.shape[0]} tokens of "
+                         f"{logits.shape[1]} experts")
+    scores = torch.softmax(logits, dim=-1) if score_function == "softmax" else torch.sigmoid(logits)
     weights = scores.gather(1, indices)
     if not pre_softmax:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -109,12 +123,20 @@ class TopKRouter(torch.nn.Module):
     def z_loss(self) -> bool:
         return bool(self.cfg.moe_z_loss_coeff)
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        """Route tokens x [T, h]."""
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None) -> Routing:
+        """Route tokens x [T, h]; with `replay` [T, k] (routing replay), to those experts, with combine weights from
+        the current router's scores at them."""
         cfg = self.cfg
         logits = linear(x, self.weight, None, self.context).float()
-        weights, indices = topk_routing(logits, self.topk, cfg.moe_router_score_function,
-                                        cfg.moe_router_pre_softmax, self.expert_bias)
+        if replay is None:
+            weights, indices = topk_routing(logits, self.topk, cfg.moe_router_score_function,
+                                            cfg.moe_router_pre_softmax, self.expert_bias)
+        else:
+            if cfg.moe_expert_capacity_factor is not None:
+                raise ValueError("routing replay with --moe-expert-capacity-factor is refused: capacities would drop "
+                                 "replayed tokens; train dropless")
+            weights, indices = replayed_routing(logits, replay, cfg.moe_router_score_function,
+                                                cfg.moe_router_pre_softmax)
         if self.tokens_per_expert is not None and self.training and not self.context.recomputing:
             self.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=self.num_experts)
         keep = None

@@ -208,7 +208,7 @@ class PipelineRuntime:
                 self.inputs[key] = out.detach().requires_grad_(torch.is_grad_enabled())
             hidden = self.inputs.pop(key) if self.schedule.forward_only else self.inputs[key]
         out = self.chunks[a.chunk](batch["tokens"] if stage == 0 else None, batch.get("position_ids"), hidden,
-                                   document_ids=batch.get("document_ids"))
+                                   document_ids=batch.get("document_ids"), routed_experts=batch.get("routed_experts"))
         if last:
             out = self.last_stage(out, a.microbatch)
             if self.schedule.forward_only:

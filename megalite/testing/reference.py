@@ -27,9 +27,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
     EOD = 0
 
     def __init__(self, vocab_size: int, seq_length: int, num_samples: int, seed: int = 0, documents: bool = False,
-                 extras: bool = False):
+                 extras: bool = False, routing: tuple[int, int, int] | None = None):
         self.vocab_size, self.seq_length, self.num_samples, self.seed = vocab_size, seq_length, num_samples, seed
-        self.documents, self.extras = documents, extras
+        self.documents, self.extras, self.routing = documents, extras, routing
 
     def __len__(self) -> int:
         return self.num_samples
@@ -45,21 +45,27 @@ class SyntheticDataset(torch.utils.data.Dataset):
         if self.extras:
             sample["token_weight"] = torch.rand(self.seq_length, generator=g) * 2
             sample["sample_weight"] = torch.randn((), generator=g)
+        if self.routing is not None:  # recorded experts for routing replay: k distinct of E per token and layer
+            layers, k, experts = self.routing
+            sample["routed_experts"] = torch.rand(self.seq_length, layers, experts, generator=g).argsort(-1)[..., :k]
         return sample
 
 
 def train_and_collect(argv: list[str], steps: int = 3, lr: float | None = None, loss: Loss | None = None,
-                      save: tuple[str, int] | None = None, load: str | None = None) -> dict:
+                      save: tuple[str, int] | None = None, load: str | None = None, replay: bool = False) -> dict:
     """Run `steps` optimizer steps with the flags `argv` on the current world (with `loss`, on a dataset with the
-    extra fields); with `load`, first resume from that checkpoint directory; with `save` = (directory, iteration),
-    save a checkpoint when that iteration is reached. Return this rank's losses, its parameters gathered to full
-    tensors (keyed by global name) and whether it logs the loss."""
+    extra fields; with `replay`, with recorded experts that every MoE layer routes to); with `load`, first resume
+    from that checkpoint directory; with `save` = (directory, iteration), save a checkpoint when that iteration is
+    reached. Return this rank's losses, its parameters gathered to full tensors (keyed by global name) and whether
+    it logs the loss."""
     init_distributed("gloo")
     config, derived = resolve(parse_args(argv), dist.get_world_size())
     run = setup(config, derived)
+    m = config.model
+    routing = (sum(m.is_moe_layer(i) for i in range(m.num_layers)), m.moe_router_topk, m.num_experts)
     dataset = sft_dataset(config) if config.sft.sft else SyntheticDataset(
-        config.model.vocab_size, config.model.seq_length, 1 << 30, documents=config.data.reset_position_ids,
-        extras=loss is not None)
+        m.vocab_size, m.seq_length, 1 << 30, documents=config.data.reset_position_ids, extras=loss is not None,
+        routing=routing if replay else None)
     state = TrainState()
     if load is not None:
         state = load_checkpoint(load, run, checkpoint_meta(run)).state
@@ -111,15 +117,16 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_matches_single_process(world_size: int, argv: list[str], micro_batch_size: int | None = None,
-                                  steps: int = 3, tolerance: float = 1e-5, loss: Loss | None = None) -> dict:
+                                  steps: int = 3, tolerance: float = 1e-5, loss: Loss | None = None,
+                                  replay: bool = False) -> dict:
     """Train `steps` steps of `argv` (with `loss`, default cross entropy) on `world_size` gloo ranks and on this
     process alone (see `reference_argv`); assert the same loss at every step and the same full parameters afterwards
-    (relative error < tolerance). Call from the test process with a world of one initialised. Returns the reference
-    result."""
+    (relative error < tolerance); with `replay`, every MoE layer routes to recorded experts from the data. Call from
+    the test process with a world of one initialised. Returns the reference result."""
     from megalite.testing.pool import run_distributed
 
-    results = run_distributed(world_size, train_and_collect, argv, steps, None, loss)
-    ref = train_and_collect(reference_argv(argv, micro_batch_size), steps, None, loss)
+    results = run_distributed(world_size, train_and_collect, argv, steps, None, loss, None, None, replay)
+    ref = train_and_collect(reference_argv(argv, micro_batch_size), steps, None, loss, replay=replay)
     losses = logged_losses(results)
     assert len(losses) == steps
     for got, want in zip(losses, ref["losses"]):
