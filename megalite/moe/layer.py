@@ -45,8 +45,6 @@ class MoELayer(torch.nn.Module):
                              f"{cfg.num_experts}")
         self.tp_group, self.tp_size, self.context = groups.tp, groups.size("tp"), context
         self.router = TopKRouter(cfg, groups, context, layer)
-        self.moe_index = sum(cfg.is_moe_layer(i) for i in range(layer))
-        """This layer's position among the model's MoE layers (its column of a routing-replay tensor)."""
         self.dispatcher = AllToAllDispatcher(cfg.num_experts, groups)
         self.experts = LocalExperts(cfg, groups, context, ffn, output_std(cfg))
         self.shared_expert = self.shared_expert_gate = None
@@ -105,6 +103,11 @@ class MoELayer(torch.nn.Module):
                 shared = shared * torch.sigmoid(linear(x, self.shared_expert_gate, None, self.context))
             y = y + shared
         return y
+
+    @property
+    def moe_index(self) -> int:
+        """This layer's position among the model's MoE layers (its column of a routing-replay tensor)."""
+        return sum(self.router.cfg.is_moe_layer(i) for i in range(self.router.layer))
 
     def _real_rows(self, local_rows: int, real: int) -> torch.Tensor:
         """[local_rows] bool: which of this TP rank's rows are tokens rather than padding."""
