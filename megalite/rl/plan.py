@@ -77,7 +77,7 @@ def count_prompts(path: str) -> int:
     return sum(1 for line in file.read_bytes().splitlines() if line.strip())
 
 
-def _rules(config: MegaliteConfig, rl: RLConfig, replicas: int, kept: int, resp: int) -> list[str]:
+def _rules(config: MegaliteConfig, rl: RLConfig, replicas: int, kept: int, resp: int, dp: int) -> list[str]:
     t, m, gbs = config.training, config.model, rl.ppo_rollout_global_batch_size
     train_gbs = t.global_batch_size
     errors = []
@@ -113,6 +113,9 @@ def _rules(config: MegaliteConfig, rl: RLConfig, replicas: int, kept: int, resp:
         errors.append(f"the kept samples per PPO step ({kept} = --ppo-rollout-global-batch-size {gbs} x "
                       f"--ppo-sampling-keep {rl.ppo_sampling_keep}) are not a multiple of --global-batch-size "
                       f"{train_gbs}")
+    if kept % (dp * rl.ppo_logps_fwd_micro_batch_size):
+        errors.append(f"the kept samples per PPO step ({kept}) do not split into --ppo-logps-fwd-micro-batch-size "
+                      f"{rl.ppo_logps_fwd_micro_batch_size} x {dp} data-parallel ranks")
     if resp >= m.seq_length:
         errors.append(f"--ppo-resp-seq-len {resp} must be less than --seq-length {m.seq_length} (the prompt needs "
                       "room)")
@@ -138,11 +141,12 @@ def plan_rl(config: MegaliteConfig, rl: RLConfig, world_size: int, prompt_counts
     (and without --data-path: the prompt files are the plan's); ConfigError listing every rule broken."""
     p, t = config.parallel, config.training
     dense = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
-    replicas = max(world_size // dense, 1) * p.context_parallel_size
+    dp = max(world_size // dense, 1)
+    replicas = dp * p.context_parallel_size
     gbs = rl.ppo_rollout_global_batch_size
     kept = gbs * rl.ppo_sampling_keep
     resp = rl.ppo_resp_seq_len or config.model.seq_length // 2
-    errors = _rules(config, rl, replicas, kept, resp)
+    errors = _rules(config, rl, replicas, kept, resp, dp)
     if errors:
         raise ConfigError("invalid RL configuration:\n  - " + "\n  - ".join(errors))
     files = tuple((path, n, n - n % gbs) for path, n in prompt_counts)

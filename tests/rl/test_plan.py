@@ -65,6 +65,8 @@ def test_kv_cache_bytes_follow_the_formula():
     (["--global-batch-size", "48"], "are not a multiple of --global-batch-size 48"),
     (["--ppo-resp-seq-len", "32768"], "--ppo-resp-seq-len 32768 must be less than --seq-length 32768"),
     (["--ppo-dual-clip-ratio-c", "0.5"], "--ppo-dual-clip-ratio-c 0.5 must be > 1"),
+    (["--ppo-logps-fwd-micro-batch-size", "3"], "the kept samples per PPO step (256) do not split into "
+                                                "--ppo-logps-fwd-micro-batch-size 3 x 1 data-parallel ranks"),
     (["--moe-router-replay", "--moe-expert-capacity-factor", "1.5"], "--moe-router-replay with "
                                                                      "--moe-expert-capacity-factor is refused"),
 ])
