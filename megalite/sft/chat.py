@@ -37,6 +37,10 @@ class ChatFormat(ABC):
     def encode(self, conversation: Conversation) -> tuple[list[int], list[int]]:
         """(token ids, loss mask of 0/1 per token) of a whole conversation."""
 
+    @abstractmethod
+    def prompt(self, messages: tuple[Message, ...]) -> list[int]:
+        """Token ids of `messages` followed by the opening of an assistant turn (what generation continues)."""
+
 
 class BuiltinFormat(ChatFormat):
     """megalite's own format (see the module docstring)."""
@@ -61,6 +65,10 @@ class BuiltinFormat(ChatFormat):
                 tokens += body
                 mask += [0] * len(body)
         return tokens, mask
+
+    def prompt(self, messages: tuple[Message, ...]) -> list[int]:
+        tokens = self.encode(Conversation(messages, "prompt"))[0] if messages else []
+        return tokens + self.tokenizer.tokenize("<|assistant|>\n")
 
 
 def _environment():
@@ -138,6 +146,10 @@ class TemplateFormat(ChatFormat):
                                   "text with {% generation %}...{% endgeneration %}")
             spans.append((len(before), len(through.rstrip())))
         return text, spans
+
+    def prompt(self, messages: tuple[Message, ...]) -> list[int]:
+        return self.tokenizer.tokenize(self.render(messages, add_generation_prompt=True).replace(START, "")
+                                       .replace(END, ""))
 
     def encode(self, conversation: Conversation) -> tuple[list[int], list[int]]:
         text, spans = self._spans(conversation)

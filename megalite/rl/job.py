@@ -1,0 +1,98 @@
+"""`megalite rl`: the RL job (docs/rl.md). Flags: every flag of `megalite train` plus the RL flags (`megalite rl
+--help`); the model and optimizer come from --load (a megalite checkpoint or a Hugging Face directory, whose model
+flags it sets), the frozen reference from --load-ref (default: --load) when --grpo-kl-loss-beta > 0.
+"""
+from __future__ import annotations
+
+import time
+
+import torch.distributed as dist
+
+from megalite import parallel_state as ps
+from megalite.arguments import config_from_namespace, resolve, section_from_namespace
+from megalite.checkpoint import TrainState, load_checkpoint
+from megalite.checkpoint.flags import model_flags_from_checkpoint
+from megalite.distributed import init_distributed
+from megalite.engine.log import Logger, configure_logging
+from megalite.engine.setup import setup, with_vocab_size
+from megalite.errors import ConfigError
+from megalite.optim.lr_schedule import schedule_from_config
+from megalite.rl.config import RLConfig
+from megalite.rl.data import PromptStream, read_prompts
+from megalite.rl.plan import plan_rl
+from megalite.rl.plan_cli import build_rl_parser
+from megalite.rl.rewards import load_reward_fn, rule_reward
+from megalite.rl.step import RLJob, RLState, ppo_step
+from megalite.sft.chat import build_chat_format
+from megalite.training import checkpoint_meta, save
+
+
+def build_job(argv: list[str]) -> RLJob:
+    """Parse, plan, initialise the processes, build and load the policy (and the reference), and the prompt stream."""
+    from megalite.data.tokenizers import build_tokenizer
+
+    ns = build_rl_parser("megalite rl").parse_args(argv)
+    if ns.load:
+        model_flags_from_checkpoint(ns)
+    config, rl = config_from_namespace(ns), section_from_namespace(ns, RLConfig)
+    if not config.data.data_path:
+        raise ConfigError("megalite rl needs --data-path PROMPTS.jsonl [...] (JSON lines with --prompt-key and "
+                          "--label-key fields); the built-in default task is not implemented yet")
+    files = [read_prompts(p, rl.prompt_key, rl.label_key) for p in config.data.data_path]
+    init_distributed(config.parallel.distributed_backend, config.parallel.distributed_timeout_minutes)
+    config, plan = plan_rl(config, rl, dist.get_world_size(),
+                           [(p, len(f)) for p, f in zip(config.data.data_path, files)])
+    config, derived = resolve(config, dist.get_world_size())
+    tokenizer = build_tokenizer(config.data, config.model.vocab_size)
+    config = with_vocab_size(config, tokenizer.vocab_size)
+    run = setup(config, derived)
+    if config.training.load:
+        load_checkpoint(config.training.load, run, checkpoint_meta(run), load_optim=False, load_rng=False,
+                        finetune=True)
+    ref = None
+    if rl.grpo_kl_loss_beta > 0:
+        ref = setup(config, derived, trainable=False, groups=run.groups)
+        source = rl.load_ref or config.training.load
+        if source:
+            load_checkpoint(source, ref, checkpoint_meta(ref), load_optim=False, load_rng=False, finetune=True)
+        else:  # no checkpoint: the reference is the policy's initialisation, from the same seed
+            ref.model.load_state_dict(run.model.state_dict())
+    reward, name = rule_reward, "the rule reward"
+    if rl.reward_fn:
+        reward, name = load_reward_fn(rl.reward_fn), f"--reward-fn {rl.reward_fn}"
+    stream = PromptStream(files, [used for _, _, used in plan.files], config.training.seed)
+    chat = build_chat_format(config.sft, tokenizer, config.data.tokenizer_model)
+    schedule = schedule_from_config(config.training, plan.train_iters)
+    return RLJob(run, ref, rl, plan, chat, tokenizer, stream, reward, schedule, name)
+
+
+def main(argv: list[str]) -> int:
+    owned = not dist.is_initialized()
+    job = build_job(argv)
+    if dist.get_rank() == 0:
+        configure_logging()
+    log = Logger(job.run)
+    log.line("RL job:\n" + job.plan.table(job.rl))
+    state, total = RLState(), job.rl.ppo_max_epochs * job.plan.ppo_step_per_epoch
+    t = job.run.config.training
+    while state.ppo_step < total:
+        started = time.perf_counter()
+        m = ppo_step(job, state)
+        log.line(f" ppo step {state.ppo_step:6d}/{total} | iteration {state.iteration} | reward {m['reward_mean']:.4f} "
+                 f"+- {m['reward_std']:.4f} | accuracy {m['accuracy']:.3f} | response length "
+                 f"{m['response_length_mean']:.1f} (max {m['response_length_max']:.0f}, cut {m['cut_share']:.2f}) | "
+                 f"loss {m['loss']:.4f} | clip low/high {m.get('clip_low', 0):.3f}/{m.get('clip_high', 0):.3f} | "
+                 f"ppo_kl {m.get('ppo_kl', 0):.2e} | kl {m.get('kl', 0):.2e} | groups without signal "
+                 f"{m['groups_without_signal']:.0f} | logprob gap {m['logprob_gap']:.2e} | rollout tokens/s "
+                 f"{m['rollout_tokens_per_s']:.0f} | train tokens/s {m['train_tokens_per_s']:.0f} | time rollout/ref/"
+                 f"old/train {m['time_rollout_s']:.1f}/{m['time_reference_s']:.1f}/{m['time_old_logprobs_s']:.1f}/"
+                 f"{m['time_train_s']:.1f} s ({time.perf_counter() - started:.1f} s)")
+        log.scalars(state.iteration, m)
+        if t.save and t.save_interval and state.iteration % t.save_interval == 0:
+            save(job.run, TrainState(state.iteration, state.prompts_consumed), log)
+    log.close()
+    ps.destroy_model_parallel(job.run.groups)
+    if owned:
+        dist.destroy_process_group()
+    return 0
+

@@ -1,0 +1,92 @@
+"""The RL job end to end: one PPO step (seeded rollout on the training model, a user reward, group advantages, old and
+reference log-probabilities, GRPO or GSPO training steps) gives the same rewards, losses and parameters under
+TP2+SP+CP2, PP2 (zb-v) + DP2 and an MoE model with EP2 and routing replay as on one process; on one process the
+rollout's log-probabilities equal the old log-probabilities of the training forward (on-policy, fp32), the advantages
+are not all zero, and `megalite rl` runs its PPO steps and logs them."""
+import json
+
+import pytest
+import torch
+
+from megalite import cli
+from megalite import parallel_state as ps
+from megalite.rl.job import build_job
+from megalite.rl.step import RLState, ppo_step
+from megalite.tensor_parallel import gather_full, get_spec
+from megalite.testing import run_distributed
+from megalite.testing.reference import merged_params, reference_argv, relative_error
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{a} + {b} =", "label": a + b}) + "\n"
+                                                for a in range(4) for b in range(4)))
+    (root / "reward.py").write_text("def digits(prompt, response, label):\n"
+                                    "    return sum(c.isdigit() for c in response) / max(len(response), 1)\n")
+    return root
+
+
+def argv_of(files, extra: list[str]) -> list[str]:
+    return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--ffn-hidden-size", "48", "--swiglu", "--disable-bias-linear", "--seq-length", "32", "--seed", "3",
+            "--data-path", str(files / "prompts.jsonl"), "--reward-fn", f"{files / 'reward.py'}:digits",
+            "--ppo-auto-calc-args", "--ppo-step-per-epoch", "-1", "--train-iters", "-1",
+            "--ppo-rollout-global-batch-size", "4", "--ppo-sampling-repeat", "4", "--ppo-sampling-keep", "4",
+            "--global-batch-size", "8", "--ppo-resp-seq-len", "8", "--ppo-logps-fwd-micro-batch-size", "2",
+            "--grpo-kl-loss-beta", "0.05", "--use-grpo", "--lr", "1e-3", *extra]
+
+
+def one_ppo_step(argv: list[str]) -> dict:
+    job = build_job(argv)
+    metrics = ppo_step(job, RLState())
+    params = {name: gather_full(p.detach().float(), get_spec(p), getattr(job.run.groups, get_spec(p).group))
+              for chunk in job.run.chunks for name, p in chunk.named_parameters()}
+    logs = job.run.logs
+    ps.destroy_model_parallel(job.run.groups)
+    return {"metrics": metrics, "params": params, "logs": logs}
+
+
+LAYOUTS = {
+    "tp2_sp_cp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "2",
+                       "--micro-batch-size", "2"], []),
+    "zbv_pp2_dp2": (4, ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "zb-v", "--micro-batch-size",
+                        "2"], ["--num-layers", "4", "--use-gspo-loss", "--loss-agg-mode", "seq-mean-token-mean"]),
+    "moe_ep2_replay": (2, ["--expert-model-parallel-size", "2", "--micro-batch-size", "2"],
+                       ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+                        "--moe-aux-loss-coeff", "0", "--moe-router-replay"]),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_ppo_step_in_every_layout_equals_one_process(world_of_one, files, layout):
+    world, parallel, model = LAYOUTS[layout]
+    argv = argv_of(files, model + parallel)
+    ref = one_ppo_step(reference_argv(argv, 2))
+    assert ref["metrics"]["reward_std"] > 0  # non-zero advantages
+    results = run_distributed(world, one_ppo_step, argv)
+    for r in results:
+        for key in ("reward_mean", "reward_std", "response_length_mean"):
+            assert r["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-6)  # the same rollout
+        if r["logs"]:  # the loss is reported where the log is written (the last stage's first rank)
+            assert r["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], rel=1e-5, abs=1e-7)
+    params = merged_params(results)
+    for name, want in ref["params"].items():
+        assert relative_error(params[name], want) < 1e-5, name
+
+
+def test_on_policy_rollout_logprobs_equal_the_training_forward(world_of_one, files):
+    job = build_job(argv_of(files, ["--micro-batch-size", "2"]))
+    before = [p.detach().clone() for p in job.run.model.parameters()]
+    state = RLState()
+    metrics = ppo_step(job, state)
+    assert metrics["logprob_gap"] < 1e-5 and metrics["reward_std"] > 0
+    assert state.ppo_step == 1 and state.iteration == 2 and state.prompts_consumed == 4
+    assert any(not torch.equal(a, b) for a, b in zip(before, job.run.model.parameters()))
+    ps.destroy_model_parallel(job.run.groups)
+
+
+def test_megalite_rl_runs_and_logs_each_ppo_step(world_of_one, files, capsys):
+    assert cli.main(["rl", *argv_of(files, ["--micro-batch-size", "4", "--ppo-max-epochs", "1"])]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" ppo step ") == 4 and "reward" in out and "logprob gap" in out
