@@ -11,7 +11,7 @@ from megalite.errors import ConfigError, MegaliteError
 
 # subcommand -> (module whose main(argv) runs it, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("megalite.pretrain", "pretrain a GPT model (no flags: a small GPT on the embedded corpus, on CPU)"),
+    "train": ("megalite.pretrain", "pretrain a GPT model, or fine-tune it on conversations with --sft (no flags: a small GPT on the embedded corpus)"),
     "rl": ("megalite.rl.job", "RL post-training (GRPO, GSPO) with the --ppo-* flags (docs/rl.md)"),
     "generate": ("megalite.inference.cli", "continue prompts with a checkpoint or Hugging Face model (KV cache, any layout)"),
     "convert": ("megalite.checkpoint.convert", "Hugging Face model <-> megalite checkpoint (--from-hf / --to-hf)"),

@@ -36,8 +36,8 @@ def build_job(argv: list[str]) -> RLJob:
         model_flags_from_checkpoint(ns)
     config, rl = config_from_namespace(ns), section_from_namespace(ns, RLConfig)
     if not config.data.data_path:
-        raise ConfigError("megalite rl needs --data-path PROMPTS.jsonl [...] (JSON lines with --prompt-key and "
-                          "--label-key fields); the built-in default task is not implemented yet")
+        raise ConfigError("--data-path PROMPTS.jsonl [...] is needed (JSON lines with --prompt-key and --label-key "
+                          "fields); the built-in default task is not implemented yet")
     files = [read_prompts(p, rl.prompt_key, rl.label_key) for p in config.data.data_path]
     init_distributed(config.parallel.distributed_backend, config.parallel.distributed_timeout_minutes)
     config, plan = plan_rl(config, rl, dist.get_world_size(),
