@@ -13,6 +13,7 @@ from megalite.arguments import config_from_namespace, resolve, section_from_name
 from megalite.checkpoint import TrainState, load_checkpoint
 from megalite.checkpoint.flags import model_flags_from_checkpoint
 from megalite.distributed import init_distributed
+from megalite.engine.checks import resume_source
 from megalite.engine.log import Logger, configure_logging
 from megalite.engine.setup import setup, with_vocab_size
 from megalite.errors import ConfigError
@@ -27,8 +28,10 @@ from megalite.sft.chat import build_chat_format
 from megalite.training import checkpoint_meta, save
 
 
-def build_job(argv: list[str]) -> RLJob:
-    """Parse, plan, initialise the processes, build and load the policy (and the reference), and the prompt stream."""
+def build_job(argv: list[str]) -> tuple[RLJob, RLState, str | None]:
+    """Parse, plan, initialise the processes, build and load the policy (and the reference), and the prompt stream;
+    the counters to go on from (a run whose --save holds checkpoints resumes from them: weights, optimizer, counters,
+    stream position and dropout streams), and a line for the log."""
     from megalite.data.tokenizers import build_tokenizer
 
     ns = build_rl_parser("megalite rl").parse_args(argv)
@@ -45,16 +48,27 @@ def build_job(argv: list[str]) -> RLJob:
     config, derived = resolve(config, dist.get_world_size())
     tokenizer = build_tokenizer(config.data, config.model.vocab_size)
     config = with_vocab_size(config, tokenizer.vocab_size)
+    t = config.training
+    source, note = resume_source(t)
+    own = source is not None and source == t.save
+    reference_source = rl.load_ref or (t.load if t.load and t.load != t.save else None)
+    if own and rl.grpo_kl_loss_beta > 0 and reference_source is None:
+        raise ConfigError(f"resuming from --save {t.save} with a KL penalty needs the reference model's checkpoint: "
+                          "--load-ref (or --load)")
     run = setup(config, derived)
-    if config.training.load:
-        load_checkpoint(config.training.load, run, checkpoint_meta(run), load_optim=False, load_rng=False,
-                        finetune=True)
+    state = RLState()
+    if source is not None:
+        loaded = load_checkpoint(source, run, checkpoint_meta(run), load_optim=own, load_rng=own, finetune=not own)
+        if own:  # saves happen at PPO-step boundaries only
+            s = loaded.state
+            state = RLState(s.iteration // plan.train_iters_each_rollout, s.iteration, s.consumed_samples)
+            note = f"resumed from {loaded.directory} at PPO step {state.ppo_step} (iteration {s.iteration})"
     ref = None
     if rl.grpo_kl_loss_beta > 0:
         ref = setup(config, derived, trainable=False, groups=run.groups)
-        source = rl.load_ref or config.training.load
-        if source:
-            load_checkpoint(source, ref, checkpoint_meta(ref), load_optim=False, load_rng=False, finetune=True)
+        if reference_source:
+            load_checkpoint(reference_source, ref, checkpoint_meta(ref), load_optim=False, load_rng=False,
+                            finetune=True)
         else:  # no checkpoint: the reference is the policy's initialisation, from the same seed
             ref.model.load_state_dict(run.model.state_dict())
     reward, name = rule_reward, "the rule reward"
@@ -63,21 +77,30 @@ def build_job(argv: list[str]) -> RLJob:
     stream = PromptStream(files, [used for _, _, used in plan.files], config.training.seed)
     chat = build_chat_format(config.sft, tokenizer, config.data.tokenizer_model)
     schedule = schedule_from_config(config.training, plan.train_iters)
-    return RLJob(run, ref, rl, plan, chat, tokenizer, stream, reward, schedule, name)
+    return RLJob(run, ref, rl, plan, chat, tokenizer, stream, reward, schedule, name), state, note
 
 
 def main(argv: list[str]) -> int:
     owned = not dist.is_initialized()
-    job = build_job(argv)
+    job, state, note = build_job(argv)
     if dist.get_rank() == 0:
         configure_logging()
     log = Logger(job.run)
     log.line("RL job:\n" + job.plan.table(job.rl))
-    state, total = RLState(), job.rl.ppo_max_epochs * job.plan.ppo_step_per_epoch
+    if note:
+        log.line(note)
+    total = job.rl.ppo_max_epochs * job.plan.ppo_step_per_epoch
     t = job.run.config.training
     while state.ppo_step < total:
         started = time.perf_counter()
         m = ppo_step(job, state)
+        if m.get("skipped"):
+            log.line(f" ppo step {state.ppo_step:6d}/{total} | every group's rewards were equal after "
+                     f"{m['replays']:.0f} replays: nothing to learn, no training")
+            continue
+        dynamic = (f" | dropped {m['groups_dropped']:.0f} groups in {m['replays']:.0f} replays"
+                   + (f", {m['groups_short']:.0f} short of the batch" if m.get("groups_short") else "")
+                   if job.rl.ppo_dynamic_sampling_max_replay else "")
         log.line(f" ppo step {state.ppo_step:6d}/{total} | iteration {state.iteration} | reward {m['reward_mean']:.4f} "
                  f"+- {m['reward_std']:.4f} | accuracy {m['accuracy']:.3f} | response length "
                  f"{m['response_length_mean']:.1f} (max {m['response_length_max']:.0f}, cut {m['cut_share']:.2f}) | "
@@ -86,10 +109,14 @@ def main(argv: list[str]) -> int:
                  f"{m['groups_without_signal']:.0f} | logprob gap {m['logprob_gap']:.2e} | rollout tokens/s "
                  f"{m['rollout_tokens_per_s']:.0f} | train tokens/s {m['train_tokens_per_s']:.0f} | time rollout/ref/"
                  f"old/train {m['time_rollout_s']:.1f}/{m['time_reference_s']:.1f}/{m['time_old_logprobs_s']:.1f}/"
-                 f"{m['time_train_s']:.1f} s ({time.perf_counter() - started:.1f} s)")
+                 f"{m['time_train_s']:.1f} s ({time.perf_counter() - started:.1f} s){dynamic}")
         log.scalars(state.iteration, m)
-        if t.save and t.save_interval and state.iteration % t.save_interval == 0:
+        stop = bool(t.exit_interval) and state.iteration >= t.exit_interval
+        if t.save and ((t.save_interval and state.iteration % t.save_interval == 0) or stop):
             save(job.run, TrainState(state.iteration, state.prompts_consumed), log)
+        if stop:
+            log.line(f"--exit-interval {t.exit_interval}: stopping after PPO step {state.ppo_step}")
+            break
     log.close()
     ps.destroy_model_parallel(job.run.groups)
     if owned:

@@ -15,6 +15,7 @@ log-probabilities, then `train_iters_each_rollout` optimizer steps over the kept
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from megalite.rl.data import PromptStream, training_sample
 from megalite.rl.logprobs import sequence_logprobs
 from megalite.rl.losses import PolicyLoss, group_advantages
 from megalite.rl.plan import RLPlan
-from megalite.rl.rewards import RewardFn, compute_rewards, keep_samples
+from megalite.rl.rewards import RewardFn, compute_rewards, informative_groups, keep_samples
 from megalite.sft.chat import ChatFormat
 from megalite.sft.conversations import Message
 from megalite.training import global_batch
@@ -73,6 +74,7 @@ class RLJob:
 def _rollout(job: RLJob, state: RLState):
     rl, run, seq = job.rl, job.run, job.run.config.model.seq_length
     picked = job.stream.take(state.prompts_consumed, rl.ppo_rollout_global_batch_size)
+    state.prompts_consumed += len(picked)
     requests = []
     for position, p in picked:
         tokens = job.chat.prompt((Message("user", p.text),))
@@ -104,13 +106,51 @@ def _rewards(job: RLJob, picked, completions) -> torch.Tensor:
     return rewards.cpu()
 
 
+def _collect(job: RLJob, state: RLState) -> tuple[list, list, list, torch.Tensor, dict[str, float]]:
+    """Rollouts and rewards of one PPO step. With dynamic sampling, groups whose rewards are all equal are dropped
+    and more prompts drawn (advancing the stream, not the PPO step) up to --ppo-dynamic-sampling-max-replay times;
+    short of a full batch then, the step goes on with the most groups whose samples still split into global batches
+    and forward-only microbatches (and the log says how many were dropped)."""
+    rl = job.rl
+    picked, requests, completions = _rollout(job, state)
+    rewards = _rewards(job, picked, completions)
+    if not rl.ppo_dynamic_sampling_max_replay:
+        return picked, requests, completions, rewards, {"groups_dropped": 0.0, "replays": 0.0}
+    repeat, target = rl.ppo_sampling_repeat, rl.ppo_rollout_global_batch_size
+    groups: list[tuple] = []
+    dropped, replays = 0, 0
+    while True:
+        signal = informative_groups(rewards.view(-1, repeat)).tolist()
+        for g, ok in enumerate(signal):
+            if ok:
+                groups.append((picked[g], requests[g * repeat:(g + 1) * repeat],
+                               completions[g * repeat:(g + 1) * repeat], rewards[g * repeat:(g + 1) * repeat]))
+        dropped += signal.count(False)
+        if len(groups) >= target or replays == rl.ppo_dynamic_sampling_max_replay:
+            break
+        replays += 1
+        picked, requests, completions = _rollout(job, state)
+        rewards = _rewards(job, picked, completions)
+    unit = math.lcm(job.run.derived.global_batch_size,
+                    rl.ppo_logps_fwd_micro_batch_size * job.run.groups.size("dp"))
+    count = min(len(groups), target)
+    while count and (count * rl.ppo_sampling_keep) % unit:
+        count -= 1
+    groups = groups[:count]
+    info = {"groups_dropped": float(dropped), "replays": float(replays), "groups_short": float(target - count)}
+    return ([g[0] for g in groups], [r for g in groups for r in g[1]], [c for g in groups for c in g[2]],
+            torch.cat([g[3] for g in groups]) if groups else torch.zeros(0), info)
+
+
 def ppo_step(job: RLJob, state: RLState) -> dict[str, float]:
     """Run one PPO step (see the module docstring); returns its metrics for the log."""
     rl, run = job.rl, job.run
     started = time.perf_counter()
-    picked, requests, completions = _rollout(job, state)
+    picked, requests, completions, rewards, sampling = _collect(job, state)
     rollout_s = time.perf_counter() - started
-    rewards = _rewards(job, picked, completions)
+    if not picked:
+        state.ppo_step += 1
+        return {"skipped": 1.0, **sampling}
     groups = rewards.view(len(picked), rl.ppo_sampling_repeat)
     advantages = group_advantages(rewards, rl.ppo_sampling_repeat, rl.grpo_advantage_epsilon,
                                   not rl.grpo_no_std_normalization).view_as(groups)
@@ -136,7 +176,7 @@ def ppo_step(job: RLJob, state: RLState) -> dict[str, float]:
         gaps.append((s["old_logprobs"][response] - rollout_logprobs[k][: int(response.sum())]).abs())
     gbs = run.derived.global_batch_size
     losses, metrics = [], {}
-    for it in range(job.plan.train_iters_each_rollout):
+    for it in range(len(samples) // gbs * rl.ppo_max_epochs_2):
         batches = global_batch(run, samples, (it % (len(samples) // gbs)) * gbs)
         run.reducer.zero_grad()
         result = forward_backward(run, batches, job.loss)
@@ -146,7 +186,6 @@ def ppo_step(job: RLJob, state: RLState) -> dict[str, float]:
         metrics = result.metrics
     train_s = time.perf_counter() - t
     state.ppo_step += 1
-    state.prompts_consumed += len(picked)
     lengths = torch.tensor([len(c.tokens) for c in completions], dtype=torch.float32)
     cut = sum(c.finish_reason == "length" and len(c.tokens) == r.max_new_tokens
               for c, r in zip(completions, requests))
@@ -159,6 +198,6 @@ def ppo_step(job: RLJob, state: RLState) -> dict[str, float]:
         "logprob_gap": torch.cat(gaps).mean().item() if gaps else 0.0, "loss": sum(losses) / len(losses),
         "grad_norm": float(grad_norm or 0.0), **{k: float(v) for k, v in metrics.items()},
         "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9),
-        "train_tokens_per_s": job.plan.train_iters_each_rollout * gbs * seq / max(train_s, 1e-9),
-        "time_rollout_s": rollout_s, "time_reference_s": ref_s, "time_old_logprobs_s": old_s, "time_train_s": train_s,
+        "train_tokens_per_s": len(samples) // gbs * rl.ppo_max_epochs_2 * gbs * seq / max(train_s, 1e-9),
+        **sampling, "time_rollout_s": rollout_s, "time_reference_s": ref_s, "time_old_logprobs_s": old_s, "time_train_s": train_s,
     }

@@ -38,7 +38,7 @@ def argv_of(files, extra: list[str]) -> list[str]:
 
 
 def one_ppo_step(argv: list[str]) -> dict:
-    job = build_job(argv)
+    job, _, _ = build_job(argv)
     metrics = ppo_step(job, RLState())
     params = {name: gather_full(p.detach().float(), get_spec(p), getattr(job.run.groups, get_spec(p).group))
               for chunk in job.run.chunks for name, p in chunk.named_parameters()}
@@ -76,7 +76,7 @@ def test_a_ppo_step_in_every_layout_equals_one_process(world_of_one, files, layo
 
 
 def test_on_policy_rollout_logprobs_equal_the_training_forward(world_of_one, files):
-    job = build_job(argv_of(files, ["--micro-batch-size", "2"]))
+    job, _, _ = build_job(argv_of(files, ["--micro-batch-size", "2"]))
     before = [p.detach().clone() for p in job.run.model.parameters()]
     state = RLState()
     metrics = ppo_step(job, state)
@@ -90,3 +90,45 @@ def test_megalite_rl_runs_and_logs_each_ppo_step(world_of_one, files, capsys):
     assert cli.main(["rl", *argv_of(files, ["--micro-batch-size", "4", "--ppo-max-epochs", "1"])]) == 0
     out = capsys.readouterr().out
     assert out.count(" ppo step ") == 4 and "reward" in out and "logprob gap" in out
+
+
+def test_resume_equals_the_uninterrupted_run(world_of_one, files, tmp_path):
+    from megalite.checkpoint import read_logical_tensors
+    from megalite.checkpoint.state import latest_iteration
+
+    def run(save, extra):
+        """2 PPO steps (--ppo-step-per-epoch 2), a checkpoint after each; no KL (a resumed KL run needs --load-ref)."""
+        argv = argv_of(files, ["--micro-batch-size", "4"])
+        argv.remove("--ppo-auto-calc-args")
+        del argv[argv.index("--train-iters"):argv.index("--train-iters") + 2]
+        argv[argv.index("--ppo-step-per-epoch") + 1] = "2"
+        argv[argv.index("--grpo-kl-loss-beta") + 1] = "0"
+        return cli.main(["rl", *argv, "--save", str(save), "--ppo-step-save-interval", "1", *extra])
+
+    assert run(tmp_path / "whole", []) == 0
+    assert run(tmp_path / "parts", ["--exit-interval", "2"]) == 0  # stops after the first PPO step (2 iterations)
+    assert latest_iteration(str(tmp_path / "parts")) == 2
+    assert run(tmp_path / "parts", []) == 0  # resumes: weights, optimizer, counters, stream position
+    whole = read_logical_tensors(tmp_path / "whole" / "iter_0000004")
+    parts = read_logical_tensors(tmp_path / "parts" / "iter_0000004")
+    assert whole.keys() == parts.keys()
+    for name, value in whole.items():
+        torch.testing.assert_close(parts[name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_dynamic_sampling_drops_groups_without_signal(world_of_one, files, tmp_path):
+    """A reward that is 1 for even prompts' responses of even length and 0 otherwise leaves some groups all-equal;
+    they are dropped and more prompts drawn (the stream advances by whole batches), and the step trains on the
+    groups with a signal."""
+    reward = tmp_path / "parity.py"
+    reward.write_text("def parity(prompt, response, label):\n"
+                      "    return float(int(label) % 2 == 0 and len(response) % 2 == 0)\n")
+    argv = argv_of(files, ["--micro-batch-size", "2", "--ppo-dynamic-sampling-max-replay", "3",
+                           "--ppo-logps-fwd-micro-batch-size", "1", "--global-batch-size", "4"])
+    argv[argv.index("--reward-fn") + 1] = f"{reward}:parity"
+    job, state, _ = build_job(argv)
+    metrics = ppo_step(job, state)
+    assert metrics["groups_dropped"] > 0 and state.prompts_consumed == 4 * (1 + metrics["replays"])
+    assert not metrics.get("skipped") and metrics["groups_without_signal"] == 0  # trained on groups with a signal
+    assert metrics["replays"] == 3 and metrics["groups_short"] == 2  # 2 of 4 groups found in 4 rollouts (seeded)
+    ps.destroy_model_parallel(job.run.groups)
