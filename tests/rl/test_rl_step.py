@@ -132,3 +132,19 @@ def test_dynamic_sampling_drops_groups_without_signal(world_of_one, files, tmp_p
     assert not metrics.get("skipped") and metrics["groups_without_signal"] == 0  # trained on groups with a signal
     assert metrics["replays"] == 3 and metrics["groups_short"] == 2  # 2 of 4 groups found in 4 rollouts (seeded)
     ps.destroy_model_parallel(job.run.groups)
+
+
+def test_grpo_raises_a_learnable_reward(world_of_one, files):
+    """The whole loop learns: with the reward 'share of digits in the response', 12 PPO steps of GRPO on a model
+    from its seed raise the mean reward several times over (measured 0.03 -> 0.62; seeded, so deterministic)."""
+    argv = argv_of(files, ["--micro-batch-size", "16", "--ppo-sampling-repeat", "8", "--ppo-sampling-keep", "8",
+                           "--global-batch-size", "16", "--ppo-logps-fwd-micro-batch-size", "8", "--lr", "1e-2",
+                           "--lr-decay-style", "constant", "--grpo-kl-loss-beta", "0"])
+    argv.remove("--ppo-auto-calc-args")
+    del argv[argv.index("--train-iters"):argv.index("--train-iters") + 2]
+    argv[argv.index("--ppo-step-per-epoch") + 1] = "12"
+    job, state, _ = build_job(argv)
+    rewards = [ppo_step(job, state)["reward_mean"] for _ in range(12)]
+    ps.destroy_model_parallel(job.run.groups)
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > 0.3 and last > 4 * first, rewards
