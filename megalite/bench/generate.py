@@ -139,7 +139,8 @@ def hf_model(run) -> torch.nn.Module | None:
     cfg = run.config.model
     logical = {n: p.detach().reshape(get_spec(p).logical()[0]) for n, p in run.chunks[0].named_parameters()}
     with tempfile.TemporaryDirectory() as directory:
-        save_file({k: v.contiguous() for k, v in to_hf(logical, cfg).items()}, str(Path(directory) / "model.safetensors"))
+        tensors = {k: v.contiguous() for k, v in to_hf(logical, cfg).items()}
+        save_file(tensors, str(Path(directory) / "model.safetensors"))
         (Path(directory) / "config.json").write_text(json.dumps(hf_config(cfg)))
         return transformers.AutoModelForCausalLM.from_pretrained(directory).float().eval()
 

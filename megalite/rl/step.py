@@ -199,5 +199,6 @@ def ppo_step(job: RLJob, state: RLState) -> dict[str, float]:
         "grad_norm": float(grad_norm or 0.0), **{k: float(v) for k, v in metrics.items()},
         "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9),
         "train_tokens_per_s": len(samples) // gbs * rl.ppo_max_epochs_2 * gbs * seq / max(train_s, 1e-9),
-        **sampling, "time_rollout_s": rollout_s, "time_reference_s": ref_s, "time_old_logprobs_s": old_s, "time_train_s": train_s,
+        **sampling, "time_rollout_s": rollout_s, "time_reference_s": ref_s, "time_old_logprobs_s": old_s,
+        "time_train_s": train_s,
     }

@@ -51,7 +51,8 @@ def test_greedy_equals_hugging_face_generate(world_of_one, tmp_path, name):
 DENSE = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
          "--ffn-hidden-size", "48", "--swiglu", "--vocab-size", str(VOCAB), "--seq-length", "16",
          "--micro-batch-size", "1"]
-MOE = ["--num-layers", "2"] + DENSE[2:] + ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16"]
+MOE = ["--num-layers", "2"] + DENSE[2:] + ["--num-experts", "4", "--moe-router-topk", "2",
+                                           "--moe-ffn-hidden-size", "16"]
 SAMPLED = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=5)
 REQUESTS = [Request(p, n, prompt_id=i, sample_index=j)
             for i, (p, n) in enumerate(zip(PROMPTS + [[3, 3, 9], [41]], [6, 3, 5, 1, 4])) for j in range(1)]

@@ -95,7 +95,8 @@ def test_builtin_format_masks_the_answers_and_their_end_token():
 def test_the_three_forms_and_errors_naming_file_and_line(tmp_path):
     cfg = SFTConfig()
     openai = {"messages": CONVERSATIONS[1]}
-    sharegpt = {"conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hi! how can I help"}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "hello there"},
+                                  {"from": "gpt", "value": "hi! how can I help"}]}
     pair = {"prompt": "hello there", "answer": "hi! how can I help"}
     assert parse_conversation(openai, "f:1", cfg) == parse_conversation(sharegpt, "f:1", cfg) == \
         parse_conversation(pair, "f:1", cfg)
