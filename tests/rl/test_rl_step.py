@@ -148,3 +148,26 @@ def test_grpo_raises_a_learnable_reward(world_of_one, files):
     ps.destroy_model_parallel(job.run.groups)
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > 0.3 and last > 4 * first, rewards
+
+
+def test_a_ppo_step_on_the_8_rank_launch_layout_equals_one_process(world_of_one, files):
+    """The layout of launch/rl_8xH20.sh (TP2 CP4 EP4 ETP2, SP, the distributed optimizer) with routing replay and a
+    KL penalty: one PPO step equals one process."""
+    argv = argv_of(files, ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+                           "--moe-aux-loss-coeff", "0", "--moe-router-replay", "--tensor-model-parallel-size", "2",
+                           "--context-parallel-size", "4", "--expert-model-parallel-size", "4",
+                           "--expert-tensor-parallel-size", "2", "--sequence-parallel", "--use-distributed-optimizer",
+                           "--micro-batch-size", "2", "--ppo-resp-seq-len", "4", "--ppo-sampling-repeat", "2",
+                           "--ppo-sampling-keep", "2", "--global-batch-size", "8", "--ppo-logps-fwd-micro-batch-size",
+                           "4"])
+    argv[argv.index("--ppo-rollout-global-batch-size") + 1] = "4"
+    ref = one_ppo_step(reference_argv(argv, 2))
+    assert ref["metrics"]["reward_std"] > 0
+    results = run_distributed(8, one_ppo_step, argv)
+    for r in results:
+        assert r["metrics"]["reward_mean"] == pytest.approx(ref["metrics"]["reward_mean"], rel=1e-6)
+        if r["logs"]:
+            assert r["metrics"]["loss"] == pytest.approx(ref["metrics"]["loss"], rel=1e-5, abs=1e-7)
+    params = merged_params(results)
+    for name, want in ref["params"].items():
+        assert relative_error(params[name], want) < 1e-5, name
