@@ -17,12 +17,6 @@ source "$here/layout_8x.sh"
 : "${LOAD_CHECKPOINT_DIR:?set LOAD_CHECKPOINT_DIR to the SFT checkpoint}"
 : "${SAVE_CHECKPOINT_DIR:?set SAVE_CHECKPOINT_DIR}"
 
-MODEL_ARGS=(
-    --num-layers 24 --hidden-size 2048 --num-attention-heads 16 --ffn-hidden-size 5632
-    --seq-length 32768 --normalization RMSNorm --swiglu --rotary-base 1000000 --disable-bias-linear
-    --untie-embeddings-and-output-weights
-    --num-experts 60 --moe-router-topk 4 --moe-ffn-hidden-size 1408 --moe-shared-expert-intermediate-size 5632
-)
 RL_ARGS=(
     --ppo-auto-calc-args --ppo-max-epochs 1 --ppo-step-per-epoch -1 --ppo-rollout-global-batch-size 32
     --ppo-rollout-micro-batch-size 1 --ppo-sampling-repeat 8 --ppo-sampling-keep 8 --ppo-sampling-keeping-strategy all
@@ -39,5 +33,5 @@ CKPT_ARGS=(--load "$LOAD_CHECKPOINT_DIR" --load-ref "${REF_LOAD_CHECKPOINT_DIR:-
 
 exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${GPUS_PER_NODE:-$NPROC}" \
     --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-29500}" \
-    -m megalite rl "${LAYOUT_ARGS[@]}" "${MOE_ARGS[@]}" "${MODEL_ARGS[@]}" "${RL_ARGS[@]}" "${TRAIN_ARGS[@]}" \
+    -m megalite rl "${LAYOUT_ARGS[@]}" "${MOE_ARGS[@]}" "${QWEN_MOE_ARGS[@]}" "${RL_ARGS[@]}" "${TRAIN_ARGS[@]}" \
     "${DATA_ARGS[@]}" "${CKPT_ARGS[@]}" "$@"

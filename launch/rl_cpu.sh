@@ -8,11 +8,6 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=layout_8x.sh
 source "$here/layout_8x.sh"
 
-MODEL_ARGS=(
-    --num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128 --seq-length 128
-    --swiglu --disable-bias-linear --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 64
-    --moe-shared-expert-intermediate-size 64
-)
 RL_ARGS=(
     --ppo-auto-calc-args --ppo-max-epochs 1 --ppo-step-per-epoch -1 --ppo-rollout-global-batch-size 8
     --ppo-rollout-micro-batch-size 1 --ppo-sampling-repeat 4 --ppo-sampling-keep 4 --ppo-sampling-keeping-strategy all
@@ -22,5 +17,5 @@ RL_ARGS=(
 TRAIN_ARGS=(--micro-batch-size 4 --lr 1e-4 --lr-decay-style constant --log-interval 1)
 
 OMP_NUM_THREADS=1 exec torchrun --standalone --nproc-per-node "$NPROC" -m megalite rl \
-    --distributed-backend gloo "${LAYOUT_ARGS[@]}" "${MOE_ARGS[@]}" "${MODEL_ARGS[@]}" "${RL_ARGS[@]}" \
+    --distributed-backend gloo "${LAYOUT_ARGS[@]}" "${MOE_ARGS[@]}" "${TINY_MOE_ARGS[@]}" "${RL_ARGS[@]}" \
     "${TRAIN_ARGS[@]}" --data-path "$here/../examples/rl/arithmetic_prompts.jsonl" "$@"

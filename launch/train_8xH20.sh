@@ -12,12 +12,6 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=layout_8x.sh
 source "$here/layout_8x.sh"
 
-MODEL_ARGS=(
-    --num-layers 24 --hidden-size 2048 --num-attention-heads 16 --ffn-hidden-size 5632
-    --seq-length 32768 --normalization RMSNorm --swiglu --rotary-base 1000000 --disable-bias-linear
-    --untie-embeddings-and-output-weights
-    --num-experts 60 --moe-router-topk 4 --moe-ffn-hidden-size 1408 --moe-shared-expert-intermediate-size 5632
-)
 TRAIN_ARGS=(
     --bf16 --micro-batch-size 1 --global-batch-size 64 --train-iters 20000
     --lr 3e-4 --min-lr 3e-5 --lr-decay-style cosine --lr-warmup-iters 500 --weight-decay 0.1 --clip-grad 1.0
@@ -33,5 +27,5 @@ CKPT_ARGS=()
 
 exec torchrun --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${GPUS_PER_NODE:-$NPROC}" \
     --master-addr "${MASTER_ADDR:-localhost}" --master-port "${MASTER_PORT:-29500}" \
-    -m megalite train "${LAYOUT_ARGS[@]}" "${MOE_ARGS[@]}" "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" \
+    -m megalite train "${LAYOUT_ARGS[@]}" "${MOE_ARGS[@]}" "${QWEN_MOE_ARGS[@]}" "${TRAIN_ARGS[@]}" \
     "${DATA_ARGS[@]}" "${CKPT_ARGS[@]}" "$@"

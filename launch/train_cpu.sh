@@ -6,13 +6,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=layout_8x.sh
 source "$here/layout_8x.sh"
 
-MODEL_ARGS=(
-    --num-layers 2 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 128 --seq-length 128
-    --swiglu --disable-bias-linear --num-experts 8 --moe-router-topk 2 --moe-ffn-hidden-size 64
-    --moe-shared-expert-intermediate-size 64
-)
 TRAIN_ARGS=(--micro-batch-size 4 --global-batch-size 8 --train-iters 40 --lr 3e-3 --lr-warmup-iters 4
             --log-interval 5)
 
 OMP_NUM_THREADS=1 exec torchrun --standalone --nproc-per-node "$NPROC" -m megalite train \
-    --distributed-backend gloo "${LAYOUT_ARGS[@]}" "${MOE_ARGS[@]}" "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "$@"
+    --distributed-backend gloo "${LAYOUT_ARGS[@]}" "${MOE_ARGS[@]}" "${TINY_MOE_ARGS[@]}" "${TRAIN_ARGS[@]}" "$@"

@@ -14,15 +14,15 @@ H20_BYTES = 96e9
 QWEN_VOCAB = "151936"  # Qwen1.5-MoE-A2.7B's vocabulary (the script's default tokenizer is byte-level)
 
 
-def launched_flags(script: str, tmp_path: Path, **env: str) -> list[str]:
-    """The `megalite train` flags the script (a path under the repository) hands to torchrun, given `env`."""
+def launched_flags(script: str, tmp_path: Path, command: str = "train", **env: str) -> list[str]:
+    """The `megalite COMMAND` flags the script (a path under the repository) hands to torchrun, given `env`."""
     stub = tmp_path / "torchrun"
     stub.write_text("#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n")
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, **env, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     out = subprocess.run(["bash", str(ROOT / script)], capture_output=True, text=True, env=env,
                          check=True).stdout.splitlines()
-    return out[out.index("train") + 1:]
+    return out[out.index(command) + 1:]
 
 
 @pytest.mark.parametrize("script,env", [
@@ -61,14 +61,7 @@ def test_the_cpu_rehearsal_uses_the_gpu_jobs_layout(flag, tmp_path):
 
 
 def rl_flags(script: str, tmp_path: Path, **env: str) -> list[str]:
-    """The `megalite rl` flags the script hands to torchrun."""
-    stub = tmp_path / "torchrun"
-    stub.write_text("#!/bin/sh\nfor a in \"$@\"; do printf '%s\\n' \"$a\"; done\n")
-    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, **env, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(["bash", str(ROOT / script)], capture_output=True, text=True, env=env,
-                         check=True).stdout.splitlines()
-    return out[out.index("rl") + 1:]
+    return launched_flags(script, tmp_path, "rl", **env)
 
 
 H20_RL_ENV = {"DATA_PATH": str(ROOT / "examples" / "rl" / "arithmetic_prompts.jsonl"), "LOAD_CHECKPOINT_DIR": "/sft",
