@@ -125,7 +125,8 @@ class PolicyLoss:
         mask = batch["loss_mask"]
         logp = vocab_parallel_log_probs(logits, batch["labels"], groups.tp)
         old, adv = batch["old_logprobs"], batch["advantages"]
-        slots, lengths, length = self._lengths(batch, groups)
+        needs_lengths = self.gspo or self.aggregation == "seq-mean-token-mean"
+        slots, lengths, length = self._lengths(batch, groups) if needs_lengths else (None, None, None)
         if self.gspo:  # s_i needs the whole sequence: its log-ratio sum over the CP group (detached)
             cp = groups.cp if groups.size("cp") > 1 else None
             mean = (_per_sequence((logp - old) * mask, slots, lengths.numel(), cp) /
