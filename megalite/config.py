@@ -254,6 +254,9 @@ class TrainingConfig:
     """fp32/bf16: skip a step with an inf/NaN gradient norm instead of stopping the run (the default stops it)."""
     log_interval: int = 10
     """Iterations between log lines."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device, for the MFU on the log lines; unset: looked up for common GPUs (dense BF16),
+    no MFU elsewhere."""
     eval_interval: int | None = None
     """Iterations between validation passes; unset disables validation."""
     eval_iters: int = 10

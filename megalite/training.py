@@ -26,6 +26,7 @@ from megalite.engine.log import Logger, aux_loss_summary, bubbles, duration
 from megalite.engine.setup import Run
 from megalite.engine.step import evaluate, forward_backward, optimizer_step
 from megalite.errors import TrainingError
+from megalite.flops import device_peak_tflops, step_flops, throughput_summary
 from megalite.optim.lr_schedule import schedule_from_config
 
 
@@ -149,6 +150,7 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
     profiler = StepProfiler(run, log)
     schedule = schedule_from_config(t, run.derived.train_iters)
     tokens_per_step = run.derived.global_batch_size * run.config.model.seq_length
+    flops_per_step, peak = step_flops(run.config).model, device_peak_tflops(t.peak_tflops, run.device)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     consecutive_skips = 0
     while state.iteration < run.derived.train_iters:
@@ -177,17 +179,20 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
             if run.device.type == "cuda":
                 extra += f" | max memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB"
             extra += aux_loss_summary(run.context.aux_losses.pop())
+            flops_text, flops_scalars = throughput_summary(flops_per_step * steps, elapsed, run.derived.world_size,
+                                                           peak)
             eta = duration((run.derived.train_iters - state.iteration) * elapsed / steps)
             log.line(
                 f" iteration {state.iteration:8d}/{run.derived.train_iters} | consumed samples "
                 f"{state.consumed_samples:10d} | lr {lr:.3e} | loss "
                 f"{f'{mean_loss:.6e}' if window_steps else 'n/a (every step skipped)'} | grad norm "
                 f"{(grad_norm or float('nan')):.3f} | tokens/s {tokens_per_step * steps / elapsed:10.1f} | "
-                f"ms/step {1000 * elapsed / steps:8.1f} | skipped {state.skipped_steps} | ETA {eta}{extra}"
+                f"ms/step {1000 * elapsed / steps:8.1f}{flops_text} | skipped {state.skipped_steps} | ETA {eta}{extra}"
             )
             if window_steps:
                 log.last_loss = mean_loss
-            log.scalars(state.iteration, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm or float("nan")})
+            log.scalars(state.iteration, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm or float("nan"),
+                                          **flops_scalars})
             window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         if t.eval_interval and valid_ds is not None and state.iteration % t.eval_interval == 0:
             val = validation_loss(run, valid_ds, state.iteration // t.eval_interval - 1)
