@@ -21,7 +21,13 @@ class RLConfig:
     ppo_step_save_interval: int | None = None
     """Save a checkpoint every this many PPO steps."""
     ppo_step_eval_interval: int | None = None
-    """Evaluate (sampled rollouts on the validation prompts, no training) every this many PPO steps."""
+    """Evaluate (rollouts on the held-out prompts of --ppo-eval-data-path, no training) every this many PPO steps;
+    with --ppo-eval-data-path the job also evaluates before the first PPO step and after the last."""
+    ppo_eval_data_path: list[str] | None = None
+    """Held-out prompt files (JSON lines, the keys of --data-path): the first --ppo-eval-steps x
+    --ppo-eval-rollout-global-batch-size prompts are the evaluation set, the same at every evaluation."""
+    ppo_eval_temperature: float | None = None
+    """Sampling temperature of evaluations (default: --ppo-rollout-temperature; 0: greedy)."""
     ppo_eval_steps: int = 1
     """Rollout batches per evaluation."""
     ppo_eval_rollout_global_batch_size: int | None = None

@@ -28,11 +28,11 @@ class Prompt:
     where: str
 
 
-def read_prompts(path: str, prompt_key: str, label_key: str) -> list[Prompt]:
-    """Every prompt of a JSON-lines file; a bad line is an error naming file:line."""
+def read_prompts(path: str, prompt_key: str, label_key: str, flag: str = "--data-path") -> list[Prompt]:
+    """Every prompt of a JSON-lines file (given with `flag`); a bad line is an error naming file:line."""
     file = Path(path)
     if not file.is_file():
-        raise DataError(f"--data-path {path}: no such prompt file")
+        raise DataError(f"{flag} {path}: no such prompt file")
     out = []
     for number, raw in enumerate(file.read_bytes().splitlines(), 1):
         where = f"{path}:{number}"

@@ -40,6 +40,8 @@ class RLPlan:
     clip_low: float
     clip_high: float
     resp_seq_len: int
+    eval_set: int = 0
+    """Prompts of the evaluation set (--ppo-eval-steps x the evaluation batch; 0: no evaluation)."""
 
     @property
     def prompts(self) -> int:
@@ -61,6 +63,7 @@ class RLPlan:
             ("train iterations", f"{self.train_iters:,}"),
             ("save interval (iterations)", "none" if self.save_interval is None else f"{self.save_interval}"),
             ("eval interval (iterations)", "none" if self.eval_interval is None else f"{self.eval_interval}"),
+            ("evaluation", self._evaluation(rl)),
             ("clip range of the ratio", f"[1 - {self.clip_low:g}, 1 + {self.clip_high:g}]"
                                         + (" (GSPO, sequence level)" if rl.use_gspo_loss else "")),
             ("response length", f"<= {self.resp_seq_len:,} tokens"),
@@ -68,13 +71,44 @@ class RLPlan:
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
+    def _evaluation(self, rl: RLConfig) -> str:
+        if not self.eval_set:
+            return "none (no --ppo-eval-data-path)"
+        every = f"every {rl.ppo_step_eval_interval} PPO steps, " if rl.ppo_step_eval_interval else ""
+        temperature = rl.ppo_rollout_temperature if rl.ppo_eval_temperature is None else rl.ppo_eval_temperature
+        return (f"{every}before the first and after the last: {self.eval_set} held-out prompts x "
+                f"{rl.ppo_eval_sampling_repeat} samples, temperature {temperature:g}")
 
-def count_prompts(path: str) -> int:
-    """Non-empty lines of a prompt file."""
+
+def count_prompts(path: str, flag: str = "--data-path") -> int:
+    """Non-empty lines of a prompt file (given with `flag`)."""
     file = Path(path)
     if not file.is_file():
-        raise DataError(f"--data-path {path}: no such prompt file")
+        raise DataError(f"{flag} {path}: no such prompt file")
     return sum(1 for line in file.read_bytes().splitlines() if line.strip())
+
+
+def _eval_rules(rl: RLConfig, replicas: int, eval_prompts: int) -> list[str]:
+    gbs = rl.ppo_eval_rollout_global_batch_size or rl.ppo_rollout_global_batch_size
+    micro = rl.ppo_eval_rollout_micro_batch_size or rl.ppo_rollout_micro_batch_size
+    errors = []
+    if rl.ppo_step_eval_interval is not None and not rl.ppo_eval_data_path:
+        errors.append(f"--ppo-step-eval-interval {rl.ppo_step_eval_interval} needs held-out prompts: "
+                      "--ppo-eval-data-path FILE.jsonl")
+    if not rl.ppo_eval_data_path:
+        return errors
+    if min(gbs, micro, rl.ppo_eval_steps, rl.ppo_eval_sampling_repeat) < 1:
+        return errors + ["--ppo-eval-steps, --ppo-eval-rollout-global-batch-size, "
+                         "--ppo-eval-rollout-micro-batch-size and --ppo-eval-sampling-repeat must be >= 1"]
+    if gbs % (replicas * micro):
+        errors.append(f"--ppo-eval-rollout-global-batch-size {gbs} is not divisible by the rollout replicas (DP x CP = "
+                      f"{replicas}) x --ppo-eval-rollout-micro-batch-size {micro}")
+    if eval_prompts < rl.ppo_eval_steps * gbs:
+        errors.append(f"--ppo-eval-data-path holds {eval_prompts} prompts, fewer than --ppo-eval-steps "
+                      f"{rl.ppo_eval_steps} x --ppo-eval-rollout-global-batch-size {gbs}")
+    if rl.ppo_eval_temperature is not None and rl.ppo_eval_temperature < 0:
+        errors.append(f"--ppo-eval-temperature {rl.ppo_eval_temperature} must be >= 0 (0 is greedy)")
+    return errors
 
 
 def _rules(config: MegaliteConfig, rl: RLConfig, replicas: int, kept: int, resp: int, dp: int) -> list[str]:
@@ -135,10 +169,11 @@ def _rules(config: MegaliteConfig, rl: RLConfig, replicas: int, kept: int, resp:
     return errors
 
 
-def plan_rl(config: MegaliteConfig, rl: RLConfig, world_size: int, prompt_counts: list[tuple[str, int]]
-            ) -> tuple[MegaliteConfig, RLPlan]:
+def plan_rl(config: MegaliteConfig, rl: RLConfig, world_size: int, prompt_counts: list[tuple[str, int]],
+            eval_prompts: int = 0) -> tuple[MegaliteConfig, RLPlan]:
     """The job's derived values and `config` with --train-iters, --save-interval and --eval-interval set from them
-    (and without --data-path: the prompt files are the plan's); ConfigError listing every rule broken."""
+    (and without --data-path: the prompt files are the plan's); ConfigError listing every rule broken.
+    `eval_prompts`: the prompts of the --ppo-eval-data-path files."""
     p, t = config.parallel, config.training
     dense = p.tensor_model_parallel_size * p.context_parallel_size * p.pipeline_model_parallel_size
     dp = max(world_size // dense, 1)
@@ -146,7 +181,7 @@ def plan_rl(config: MegaliteConfig, rl: RLConfig, world_size: int, prompt_counts
     gbs = rl.ppo_rollout_global_batch_size
     kept = gbs * rl.ppo_sampling_keep
     resp = rl.ppo_resp_seq_len or config.model.seq_length // 2
-    errors = _rules(config, rl, replicas, kept, resp, dp)
+    errors = _rules(config, rl, replicas, kept, resp, dp) + _eval_rules(rl, replicas, eval_prompts)
     if errors:
         raise ConfigError("invalid RL configuration:\n  - " + "\n  - ".join(errors))
     files = tuple((path, n, n - n % gbs) for path, n in prompt_counts)
@@ -172,6 +207,7 @@ def plan_rl(config: MegaliteConfig, rl: RLConfig, world_size: int, prompt_counts
     high = rl.ppo_clip_ratio_high if rl.ppo_clip_ratio_high is not None else high
     training = dataclasses.replace(t, train_iters=iters, save_interval=save, global_batch_size=train_gbs,
                                    eval_interval=evaluate if evaluate else t.eval_interval)
-    plan = RLPlan(files, replicas, steps, kept, each, iters, save, evaluate, low, high, resp)
+    eval_set = rl.ppo_eval_steps * (rl.ppo_eval_rollout_global_batch_size or gbs) if rl.ppo_eval_data_path else 0
+    plan = RLPlan(files, replicas, steps, kept, each, iters, save, evaluate, low, high, resp, eval_set)
     # the prompt files are the plan's; the model, optimizer and layout rules see no pretraining dataset
     return dataclasses.replace(config, training=training, data=dataclasses.replace(config.data, data_path=None)), plan

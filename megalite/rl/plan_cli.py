@@ -57,7 +57,8 @@ def memory_table(config: MegaliteConfig, rl: RLConfig, world_size: int, device: 
 def plan_from_flags(ns: argparse.Namespace, world_size: int) -> tuple[MegaliteConfig, RLConfig, RLPlan]:
     config, rl = config_from_namespace(ns), section_from_namespace(ns, RLConfig)
     counts = [(path, count_prompts(path)) for path in config.data.data_path or []]
-    config, plan = plan_rl(config, rl, world_size, counts)
+    eval_prompts = sum(count_prompts(path, "--ppo-eval-data-path") for path in rl.ppo_eval_data_path or [])
+    config, plan = plan_rl(config, rl, world_size, counts, eval_prompts)
     return config, rl, plan
 
 

@@ -27,10 +27,10 @@ from megalite.data.tokenizers import Tokenizer
 from megalite.engine.setup import Run
 from megalite.engine.step import forward_backward, optimizer_step
 from megalite.errors import DataError
-from megalite.inference import Request, SamplingParams, generate
+from megalite.inference import Completion, Request, SamplingParams, generate
 from megalite.optim.lr_schedule import LRSchedule
 from megalite.rl.config import RLConfig
-from megalite.rl.data import PromptStream, training_sample
+from megalite.rl.data import Prompt, PromptStream, training_sample
 from megalite.rl.logprobs import sequence_logprobs
 from megalite.rl.losses import PolicyLoss, group_advantages
 from megalite.rl.plan import RLPlan
@@ -63,6 +63,8 @@ class RLJob:
     reward: RewardFn
     schedule: LRSchedule
     reward_name: str = "the reward function"
+    eval_prompts: list[Prompt] = field(default_factory=list)
+    """The evaluation set (`RLPlan.eval_set` prompts of --ppo-eval-data-path; empty: no evaluation)."""
     loss: PolicyLoss = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,10 +73,10 @@ class RLJob:
                                rl.grpo_kl_loss_beta, rl.kl_estimator, rl.entropy_coeff, rl.loss_agg_mode)
 
 
-def _rollout(job: RLJob, state: RLState):
-    rl, run, seq = job.rl, job.run, job.run.config.model.seq_length
-    picked = job.stream.take(state.prompts_consumed, rl.ppo_rollout_global_batch_size)
-    state.prompts_consumed += len(picked)
+def rollout(job: RLJob, picked: list[tuple[int, Prompt]], repeat: int, micro_batch: int, params: SamplingParams
+            ) -> tuple[list[Request], list[Completion]]:
+    """`repeat` samples of each picked (id, prompt), generated in batches of `micro_batch` prompts per replica."""
+    run, seq = job.run, job.run.config.model.seq_length
     requests = []
     for position, p in picked:
         tokens = job.chat.prompt((Message("user", p.text),))
@@ -82,17 +84,15 @@ def _rollout(job: RLJob, state: RLState):
         if room < 1:
             raise DataError(f"{p.where}: the prompt has {len(tokens)} tokens, no room for a response within "
                             f"--seq-length {seq}")
-        requests += [Request(tokens, room, prompt_id=position, sample_index=j) for j in range(rl.ppo_sampling_repeat)]
-    params = SamplingParams(rl.ppo_rollout_temperature, max(rl.ppo_rollout_top_k, 0), rl.ppo_rollout_top_p,
-                            run.config.training.seed)
-    completions = generate(run, requests, params, job.tokenizer.eod,
-                           batch_size=rl.ppo_rollout_micro_batch_size * rl.ppo_sampling_repeat,
-                           record_routing=rl.moe_router_replay)
-    return picked, requests, completions
+        requests += [Request(tokens, room, prompt_id=position, sample_index=j) for j in range(repeat)]
+    completions = generate(run, requests, params, job.tokenizer.eod, batch_size=micro_batch * repeat,
+                           record_routing=job.rl.moe_router_replay)
+    return requests, completions
 
 
-def _rewards(job: RLJob, picked, completions) -> torch.Tensor:
-    repeat = job.rl.ppo_sampling_repeat
+def score(job: RLJob, picked: list[tuple[int, Prompt]], completions: list[Completion], repeat: int) -> torch.Tensor:
+    """The reward of each completion (`repeat` per picked prompt): computed on rank 0, broadcast (a user function
+    need not be deterministic)."""
     rewards = torch.zeros(len(completions), dtype=torch.float32)
     if dist.get_rank() == 0:
         eod = job.tokenizer.eod
@@ -106,14 +106,23 @@ def _rewards(job: RLJob, picked, completions) -> torch.Tensor:
     return rewards.cpu()
 
 
+def _rollout(job: RLJob, state: RLState):
+    rl = job.rl
+    picked = job.stream.take(state.prompts_consumed, rl.ppo_rollout_global_batch_size)
+    state.prompts_consumed += len(picked)
+    params = SamplingParams(rl.ppo_rollout_temperature, max(rl.ppo_rollout_top_k, 0), rl.ppo_rollout_top_p,
+                            job.run.config.training.seed)
+    requests, completions = rollout(job, picked, rl.ppo_sampling_repeat, rl.ppo_rollout_micro_batch_size, params)
+    return picked, requests, completions, score(job, picked, completions, rl.ppo_sampling_repeat)
+
+
 def _collect(job: RLJob, state: RLState) -> tuple[list, list, list, torch.Tensor, dict[str, float]]:
     """Rollouts and rewards of one PPO step. With dynamic sampling, groups whose rewards are all equal are dropped
     and more prompts drawn (advancing the stream, not the PPO step) up to --ppo-dynamic-sampling-max-replay times;
     short of a full batch then, the step goes on with the most groups whose samples still split into global batches
     and forward-only microbatches (and the log says how many were dropped)."""
     rl = job.rl
-    picked, requests, completions = _rollout(job, state)
-    rewards = _rewards(job, picked, completions)
+    picked, requests, completions, rewards = _rollout(job, state)
     if not rl.ppo_dynamic_sampling_max_replay:
         return picked, requests, completions, rewards, {"groups_dropped": 0.0, "replays": 0.0}
     repeat, target = rl.ppo_sampling_repeat, rl.ppo_rollout_global_batch_size
@@ -129,8 +138,7 @@ def _collect(job: RLJob, state: RLState) -> tuple[list, list, list, torch.Tensor
         if len(groups) >= target or replays == rl.ppo_dynamic_sampling_max_replay:
             break
         replays += 1
-        picked, requests, completions = _rollout(job, state)
-        rewards = _rewards(job, picked, completions)
+        picked, requests, completions, rewards = _rollout(job, state)
     unit = math.lcm(job.run.derived.global_batch_size,
                     rl.ppo_logps_fwd_micro_batch_size * job.run.groups.size("dp"))
     count = min(len(groups), target)

@@ -76,6 +76,32 @@ def test_each_rule_names_its_flags(change, message):
         plan_rl(config, rl, 8, [("a.jsonl", 2048)])
 
 
+@pytest.mark.parametrize("change, held_out, message", [
+    (["--ppo-step-eval-interval", "5"], 0, "--ppo-step-eval-interval 5 needs held-out prompts: --ppo-eval-data-path"),
+    (["--ppo-eval-data-path", "e.jsonl", "--ppo-eval-rollout-global-batch-size", "6"], 64,
+     "--ppo-eval-rollout-global-batch-size 6 is not divisible by the rollout replicas (DP x CP = 4)"),
+    (["--ppo-eval-data-path", "e.jsonl", "--ppo-eval-steps", "3"], 64,
+     "--ppo-eval-data-path holds 64 prompts, fewer than --ppo-eval-steps 3 x --ppo-eval-rollout-global-batch-size 32"),
+    (["--ppo-eval-data-path", "e.jsonl", "--ppo-eval-temperature", "-1"], 64, "--ppo-eval-temperature -1.0 must be"),
+])
+def test_each_evaluation_rule_names_its_flags(change, held_out, message):
+    config, rl = flags(LAYOUT + QWEN_MOE + REFERENCE + change)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        plan_rl(config, rl, 8, [("a.jsonl", 2048)], held_out)
+
+
+def test_the_evaluation_set_and_interval():
+    extra = ["--ppo-eval-data-path", "e.jsonl", "--ppo-eval-steps", "2", "--ppo-eval-rollout-global-batch-size", "8",
+             "--ppo-step-eval-interval", "10", "--ppo-eval-sampling-repeat", "4", "--ppo-eval-temperature", "0"]
+    config, rl = flags(LAYOUT + QWEN_MOE + REFERENCE + extra)
+    config, plan = plan_rl(config, rl, 8, [("a.jsonl", 2048)], 20)
+    assert plan.eval_set == 16 and plan.eval_interval == 80 and config.training.eval_interval == 80
+    assert ("every 10 PPO steps, before the first and after the last: 16 held-out prompts x 4 samples, "
+            "temperature 0") in plan.table(rl)
+    config, rl = flags(LAYOUT + QWEN_MOE + REFERENCE)
+    assert plan_rl(config, rl, 8, [("a.jsonl", 2048)])[1].eval_set == 0
+
+
 def test_without_auto_calc_the_steps_are_given_and_checked():
     base = [f for f in REFERENCE if f not in ("--ppo-auto-calc-args",)]
     config, rl = flags(LAYOUT + QWEN_MOE + base)

@@ -1,15 +1,17 @@
 """The RL job end to end: one PPO step (seeded rollout on the training model, a user reward, group advantages, old and
 reference log-probabilities, GRPO or GSPO training steps) gives the same rewards, losses and parameters under
-TP2+SP+CP2, PP2 (zb-v) + DP2 and an MoE model with EP2 and routing replay as on one process; on one process the
+TP2+SP+CP2, PP2 (zb-v) + DP2, PP2 (1F1B) + DP2 with the distributed optimizer and full recomputation, and an MoE model with EP2 and routing replay as on one process; on one process the
 rollout's log-probabilities equal the old log-probabilities of the training forward (on-policy, fp32), the advantages
 are not all zero, and `megalite rl` runs its PPO steps and logs them."""
 import json
+import re
 
 import pytest
 import torch
 
 from megalite import cli
 from megalite import parallel_state as ps
+from megalite.rl.evaluate import evaluate
 from megalite.rl.job import build_job
 from megalite.rl.step import RLState, ppo_step
 from megalite.tensor_parallel import gather_full, get_spec
@@ -52,6 +54,9 @@ LAYOUTS = {
                        "--micro-batch-size", "2"], []),
     "zbv_pp2_dp2": (4, ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "zb-v", "--micro-batch-size",
                         "2"], ["--num-layers", "4", "--use-gspo-loss", "--loss-agg-mode", "seq-mean-token-mean"]),
+    "1f1b_pp2_dp2_distopt_recompute": (4, ["--pipeline-model-parallel-size", "2", "--pipeline-schedule", "1f1b",
+                                           "--use-distributed-optimizer", "--recompute-granularity", "full",
+                                           "--micro-batch-size", "2"], ["--kl-estimator", "k2"]),
     "moe_ep2_replay": (2, ["--expert-model-parallel-size", "2", "--micro-batch-size", "2"],
                        ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
                         "--moe-aux-loss-coeff", "0", "--moe-router-replay"]),
@@ -86,10 +91,31 @@ def test_on_policy_rollout_logprobs_equal_the_training_forward(world_of_one, fil
     ps.destroy_model_parallel(job.run.groups)
 
 
-def test_megalite_rl_runs_and_logs_each_ppo_step(world_of_one, files, capsys):
-    assert cli.main(["rl", *argv_of(files, ["--micro-batch-size", "4", "--ppo-max-epochs", "1"])]) == 0
+def test_megalite_rl_runs_logs_each_ppo_step_and_evaluates(world_of_one, files, capsys):
+    """4 PPO steps, an evaluation every 2 (and before the first): at PPO steps 0, 2 and 4."""
+    held_out = ["--ppo-eval-data-path", str(files / "prompts.jsonl"), "--ppo-step-eval-interval", "2",
+                "--ppo-eval-sampling-repeat", "2"]
+    assert cli.main(["rl", *argv_of(files, ["--micro-batch-size", "4", *held_out])]) == 0
     out = capsys.readouterr().out
-    assert out.count(" ppo step ") == 4 and "reward" in out and "logprob gap" in out
+    assert len(re.findall(r"\] +ppo step ", out)) == 4 and "reward" in out and "logprob gap" in out
+    evals = re.findall(r"eval at ppo step (\d+) \| held-out reward ([0-9.]+) .* 4 prompts x 2 samples", out)
+    assert [step for step, _ in evals] == ["0", "2", "4"]
+
+
+def test_evaluation_is_repeatable_and_leaves_the_job_as_it_was(world_of_one, files):
+    """The same model gives the same evaluation (the same prompts and random numbers), which neither trains nor
+    moves the prompt stream; a greedy evaluation's samples of a prompt are all alike."""
+    job, state, _ = build_job(argv_of(files, ["--ppo-eval-data-path", str(files / "prompts.jsonl"),
+                                              "--ppo-eval-sampling-repeat", "3"]))
+    before = [p.detach().clone() for p in job.run.model.parameters()]
+    first = evaluate(job)
+    assert evaluate(job) == first and 0 < first["eval/reward_mean"] < 1 and state == RLState()
+    assert all(torch.equal(a, b) for a, b in zip(before, job.run.model.parameters()))
+    job.rl.ppo_eval_temperature = 0.0  # greedy: a prompt's 3 samples are alike, so 1 sample scores the same
+    greedy = evaluate(job)
+    job.rl.ppo_eval_sampling_repeat = 1
+    assert evaluate(job) == greedy != first
+    ps.destroy_model_parallel(job.run.groups)
 
 
 def test_resume_equals_the_uninterrupted_run(world_of_one, files, tmp_path):
