@@ -339,6 +339,9 @@ class DataConfig:
     start."""
     reset_attention_mask: bool = False
     """Attention stays inside each document (after every end-of-document token; with --sft, each conversation)."""
+    no_data_prefetch: bool = False
+    """Read each global batch on the main thread between steps, instead of on a background thread while the
+    previous step runs."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ gradient exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -23,6 +24,7 @@ from megalite.checkpoint import TrainState, save_checkpoint
 from megalite.engine.batches import Batch, microbatches
 from megalite.engine.checks import check_token_ids
 from megalite.engine.log import Logger, aux_loss_summary, bubbles, duration
+from megalite.engine.prefetch import Prefetcher
 from megalite.engine.setup import Run
 from megalite.engine.step import evaluate, forward_backward, optimizer_step
 from megalite.errors import TrainingError
@@ -153,61 +155,67 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
     flops_per_step, peak = step_flops(run.config).model, device_peak_tflops(t.peak_tflops, run.device)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     consecutive_skips = 0
-    while state.iteration < run.derived.train_iters:
-        profiler.before(state.iteration + 1)
-        batches = global_batch(run, train_ds, state.consumed_samples)
-        run.reducer.zero_grad()
-        result = forward_backward(run, batches)
-        lr = schedule(state.iteration)
-        grad_norm, skipped = optimizer_step(run, lr)
-        state.iteration += 1
-        state.consumed_samples += run.derived.global_batch_size
-        state.skipped_steps += int(skipped)
-        consecutive_skips = consecutive_skips + 1 if skipped else 0
-        check_finite(run, state.iteration, grad_norm, skipped, consecutive_skips)
-        if skipped:
-            scale = f" (loss scale now {run.optimizer.loss_scale:.1f})" if run.config.training.fp16 else ""
-            log.line(f" iteration {state.iteration:8d} | skipped: inf/NaN gradients{scale}")
-        else:
-            window_loss += result.loss
-            window_steps += 1
-        if state.iteration % t.log_interval == 0 or state.iteration == run.derived.train_iters:
-            elapsed = time.perf_counter() - window_start
-            steps = t.log_interval if state.iteration % t.log_interval == 0 else state.iteration % t.log_interval
-            mean_loss = window_loss / window_steps if window_steps else float("nan")
-            extra = f" | bubble per stage {bubbles(run, result.bubble)}" if run.groups.size("pp") > 1 else ""
-            if run.device.type == "cuda":
-                extra += f" | max memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB"
-            extra += aux_loss_summary(run.context.aux_losses.pop())
-            flops_text, flops_scalars = throughput_summary(flops_per_step * steps, elapsed, run.derived.world_size,
-                                                           peak)
-            eta = duration((run.derived.train_iters - state.iteration) * elapsed / steps)
-            log.line(
-                f" iteration {state.iteration:8d}/{run.derived.train_iters} | consumed samples "
-                f"{state.consumed_samples:10d} | lr {lr:.3e} | loss "
-                f"{f'{mean_loss:.6e}' if window_steps else 'n/a (every step skipped)'} | grad norm "
-                f"{(grad_norm or float('nan')):.3f} | tokens/s {tokens_per_step * steps / elapsed:10.1f} | "
-                f"ms/step {1000 * elapsed / steps:8.1f}{flops_text} | skipped {state.skipped_steps} | ETA {eta}{extra}"
-            )
-            if window_steps:
-                log.last_loss = mean_loss
-            log.scalars(state.iteration, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm or float("nan"),
-                                          **flops_scalars})
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        if t.eval_interval and valid_ds is not None and state.iteration % t.eval_interval == 0:
-            val = validation_loss(run, valid_ds, state.iteration // t.eval_interval - 1)
-            log.line(f" validation at iteration {state.iteration} | loss {val:.4f} | perplexity "
-                     f"{math.exp(min(val, 50)):.2f}")
-            log.scalars(state.iteration, {"val_loss": val})
-            log.last_val_loss = val
-        if t.save and t.save_interval and state.iteration % t.save_interval == 0:
-            save(run, state, log)
-        profiler.after(state.iteration)
-        if t.exit_interval and state.iteration % t.exit_interval == 0:
-            break
-        if t.exit_duration_in_mins and out_of_time(run, started):
-            log.line(f" --exit-duration-in-mins {t.exit_duration_in_mins} reached at iteration {state.iteration}")
-            break
+    data = Prefetcher(lambda consumed: global_batch(run, train_ds, consumed), run.derived.global_batch_size,
+                      enabled=not run.config.data.no_data_prefetch)
+    with contextlib.closing(data):
+        while state.iteration < run.derived.train_iters:
+            profiler.before(state.iteration + 1)
+            batches = data.get(state.consumed_samples, prefetch_next=state.iteration + 1 < run.derived.train_iters)
+            run.reducer.zero_grad()
+            result = forward_backward(run, batches)
+            lr = schedule(state.iteration)
+            grad_norm, skipped = optimizer_step(run, lr)
+            state.iteration += 1
+            state.consumed_samples += run.derived.global_batch_size
+            state.skipped_steps += int(skipped)
+            consecutive_skips = consecutive_skips + 1 if skipped else 0
+            check_finite(run, state.iteration, grad_norm, skipped, consecutive_skips)
+            if skipped:
+                scale = f" (loss scale now {run.optimizer.loss_scale:.1f})" if run.config.training.fp16 else ""
+                log.line(f" iteration {state.iteration:8d} | skipped: inf/NaN gradients{scale}")
+            else:
+                window_loss += result.loss
+                window_steps += 1
+            if state.iteration % t.log_interval == 0 or state.iteration == run.derived.train_iters:
+                elapsed = time.perf_counter() - window_start
+                steps = t.log_interval if state.iteration % t.log_interval == 0 else state.iteration % t.log_interval
+                mean_loss = window_loss / window_steps if window_steps else float("nan")
+                extra = f" | bubble per stage {bubbles(run, result.bubble)}" if run.groups.size("pp") > 1 else ""
+                if run.device.type == "cuda":
+                    extra += f" | max memory {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB"
+                extra += aux_loss_summary(run.context.aux_losses.pop())
+                flops_text, flops_scalars = throughput_summary(flops_per_step * steps, elapsed,
+                                                               run.derived.world_size, peak)
+                waited = data.take_waited()
+                eta = duration((run.derived.train_iters - state.iteration) * elapsed / steps)
+                log.line(
+                    f" iteration {state.iteration:8d}/{run.derived.train_iters} | consumed samples "
+                    f"{state.consumed_samples:10d} | lr {lr:.3e} | loss "
+                    f"{f'{mean_loss:.6e}' if window_steps else 'n/a (every step skipped)'} | grad norm "
+                    f"{(grad_norm or float('nan')):.3f} | tokens/s {tokens_per_step * steps / elapsed:10.1f} | "
+                    f"ms/step {1000 * elapsed / steps:8.1f}{flops_text} | data wait {100 * waited / elapsed:.1f}% | "
+                    f"skipped {state.skipped_steps} | ETA {eta}{extra}"
+                )
+                if window_steps:
+                    log.last_loss = mean_loss
+                log.scalars(state.iteration, {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm or float("nan"),
+                                              "data_wait_share": waited / elapsed, **flops_scalars})
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            if t.eval_interval and valid_ds is not None and state.iteration % t.eval_interval == 0:
+                val = validation_loss(run, valid_ds, state.iteration // t.eval_interval - 1)
+                log.line(f" validation at iteration {state.iteration} | loss {val:.4f} | perplexity "
+                         f"{math.exp(min(val, 50)):.2f}")
+                log.scalars(state.iteration, {"val_loss": val})
+                log.last_val_loss = val
+            if t.save and t.save_interval and state.iteration % t.save_interval == 0:
+                save(run, state, log)
+            profiler.after(state.iteration)
+            if t.exit_interval and state.iteration % t.exit_interval == 0:
+                break
+            if t.exit_duration_in_mins and out_of_time(run, started):
+                log.line(f" --exit-duration-in-mins {t.exit_duration_in_mins} reached at iteration "
+                         f"{state.iteration}")
+                break
     return state
 
 
