@@ -5,6 +5,7 @@ from megalite.subcommands import dispatch
 
 BENCHMARKS = {
     "generate": ("megalite.bench.generate", "KV-cache generation: megalite vs a plain PyTorch decode loop and HF generate"),
+    "gpu-check": ("megalite.bench.gpu_check", "one GPU in minutes: CUDA tests, bf16 TFLOP/s and MFU, generation (launch/gpu_check.sh)"),
     "index": ("megalite.bench.index", "C++ sample-index builder vs NumPy on 10 million documents"),
     "memory": ("megalite.bench.memory", "activation bytes saved per layer (TP, SP, recompute) vs Korthikanti et al."),
     "step": ("megalite.bench.step", "one training step: megalite GPT at TP=1 vs a plain PyTorch GPT"),
