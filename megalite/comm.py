@@ -110,7 +110,9 @@ def _naming(kind: str, group: dist.ProcessGroup | None) -> Iterator[None]:
 
 
 def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce of `tensor` over `group`."""
+    """In-place all-reduce of `tensor` over `group` (nothing to do over a group of one)."""
+    if dist.get_world_size(group) == 1:
+        return tensor
     with _naming("all_reduce", group):
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
