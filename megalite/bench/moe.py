@@ -5,8 +5,9 @@ batch) for each number of experts and top-k, with the loop (`LocalExperts.groupe
 before the grouped experts) and every grouped formulation this device runs (megalite/moe/grouped.py), the ratio
 of the default one to the loop. Table 2: the training step (forward + backward + AdamW, `megalite train`'s engine)
 of a small MoE GPT, built twice from the same seed: as before issue 17 (the expert loop, torch's for-loop AdamW) and
-as now (grouped experts, fused AdamW); the first step's losses must agree. Calls alternate (the order flips every round) after warm-up, as in `megalite bench
-step`; medians, minima and the median of the per-round ratios are reported (docs/benchmarks.md).
+as now (grouped experts, fused AdamW); the first step's losses must agree. Calls alternate (the order flips every
+round) after warm-up, as in `megalite bench step`; medians, minima and the median of the per-round ratios are
+reported (docs/benchmarks.md).
 """
 from __future__ import annotations
 
