@@ -9,7 +9,8 @@ and its frozen reference) have two contexts and cannot disturb each other. A con
 - `aux_losses`: the MoE aux-loss gradient scale of the current step and the values logged for the log line;
 - the weight-gradient queue of a split backward (`deferring_weight_grads`), which the pipeline's W pass runs;
 - whether activation recomputation is running (`recomputing`), so that side effects are not counted twice;
-- the routing record of a forward call (`recording_routing`): the experts each token was sent to, per MoE layer.
+- the routing record of a forward call (`recording_routing`): the experts each token was sent to, per MoE layer;
+- the gradient sink of a trained model (`grad_sink`), into which linear layers accumulate weight gradients.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from megalite.tensor_parallel.random import RNGTracker
 
 WeightGradWork = Callable[[], list[tuple[torch.nn.Parameter, torch.Tensor]]]
 """A deferred weight-gradient computation: returns (parameter, gradient) pairs to accumulate."""
+GradSink = Callable[[torch.nn.Parameter, Callable[[torch.Tensor], None]], bool]
+"""`sink(p, write)`: `write(main_grad)` adds a weight gradient of `p` into its fp32 main gradient; False (nothing
+written) where `p`'s gradient must take the autograd path."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class ModelContext:
         """While not None, linear layers' backward appends their weight-gradient work here instead of doing it."""
         self.recomputing = False
         """True while activation recomputation replays a forward inside the backward pass."""
+        self.grad_sink: GradSink | None = None
+        """Set by a trained model's gradient reducer: linear layers write fp32 weight gradients straight into the
+        parameter's main gradient through it (gradient-accumulation fusion; see `GradReducer.accumulate_in_place`)."""
         self.routing_record: dict[int, torch.Tensor] | None = None
         """While not None, each MoE layer stores here, under its global layer index, the experts [s, b, k] chosen
         for every token of the forward call's input on this rank (gathered over TP)."""

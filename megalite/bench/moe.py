@@ -4,10 +4,10 @@ Table 1: one MoE layer's forward + backward (router, dispatch, experts, combine;
 batch) for each number of experts and top-k, with the loop (`LocalExperts.grouped = False`, the implementation
 before the grouped experts) and every grouped formulation this device runs (megalite/moe/grouped.py), the ratio
 of the default one to the loop. Table 2: the training step (forward + backward + AdamW, `megalite train`'s engine)
-of a small MoE GPT, built twice from the same seed: as before issue 17 (the expert loop, torch's for-loop AdamW) and
-as now (grouped experts, fused AdamW); the first step's losses must agree. Calls alternate (the order flips every
-round) after warm-up, as in `megalite bench step`; medians, minima and the median of the per-round ratios are
-reported (docs/benchmarks.md).
+of a small MoE GPT, built twice from the same seed: as before issue 17 (the expert loop, torch's for-loop AdamW, the
+out-of-place cross entropy, weight gradients added to the main gradients) and as now (grouped experts, fused AdamW,
+the cross entropy in place, gradient-accumulation fusion); the first step's losses must agree. Calls alternate (the order flips every round) after warm-up, as in `megalite bench step`;
+medians, minima and the median of the per-round ratios are reported (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ import torch
 
 from megalite.bench.step import time_interleaved
 from megalite.config import MegaliteConfig, ModelConfig, TrainingConfig
+from megalite.engine.losses import CrossEntropyLoss
 from megalite.moe.experts import LocalExperts
 from megalite.moe.grouped import default_method, grouped_mm_works
 from megalite.parser import Parser
+from megalite.tensor_parallel import vocab_parallel_cross_entropy
 
 
 def _ints(text: str) -> list[int]:
@@ -115,6 +117,14 @@ def layer_table(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+class _OutOfPlaceCrossEntropy(CrossEntropyLoss):
+    """Pretraining's loss as before issue 17: the cross entropy leaves the logits alone (a second logits-sized
+    tensor)."""
+
+    def per_token(self, logits: torch.Tensor, batch: dict, groups) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, batch["labels"], groups.tp, in_place=False)
+
+
 class MoEStep:
     """One `megalite train` step (schedule 'none', gradient reducer, `MixedPrecisionAdamW`) of an MoE GPT whose
     experts use `method`; its own (size-one) process groups on the initialised default group."""
@@ -134,9 +144,12 @@ class MoEStep:
         config, derived = resolve(MegaliteConfig(model=model, training=self.train), 1)
         self.run = setup(config, derived)
         _set_experts(self.run.chunks[0], method)
-        if method == "loop":  # the implementation before issue 17: the expert loop and torch's for-loop AdamW
-            for group in self.run.optimizer.adam.param_groups:
+        self.loss = CrossEntropyLoss()
+        if method == "loop":  # before issue 17: the expert loop, torch's for-loop AdamW, out-of-place cross entropy,
+            for group in self.run.optimizer.adam.param_groups:  # weight gradients added to the main gradients
                 group["fused"] = None
+            self.loss = _OutOfPlaceCrossEntropy()
+            self.run.context.grad_sink = None
         data = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1),
                              generator=torch.Generator().manual_seed(seed))
         tokens = data[:, :-1]
@@ -146,7 +159,7 @@ class MoEStep:
         from megalite.engine.step import forward_backward, optimizer_step
 
         self.run.reducer.zero_grad()
-        loss = forward_backward(self.run, self.batches).loss
+        loss = forward_backward(self.run, self.batches, self.loss).loss
         optimizer_step(self.run, self.train.lr)
         return loss
 
@@ -204,7 +217,7 @@ def report(args: argparse.Namespace, rows: list[dict], steps: dict[str, MoEStep]
     print()
     print(f"| {'implementation':<28} | {'median ms':>9} | {'min ms':>8} |")
     print(f"|{'-' * 30}|{'-' * 11}|{'-' * 10}|")
-    label = {"loop": "before: loop, AdamW", names[1]: f"now: {names[1]}, fused AdamW"}
+    label = {"loop": "before: loop experts etc.", names[1]: f"now: {names[1]} experts etc."}
     for m in names:
         print(f"| {label[m]:<28} | {med[m] * 1e3:9.1f} | {min(times[m]) * 1e3:8.1f} |")
     print()

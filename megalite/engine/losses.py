@@ -53,8 +53,9 @@ class CrossEntropyLoss:
         return batch["loss_mask"].sum()
 
     def per_token(self, logits: torch.Tensor, batch: Batch, groups: ProcessGroups) -> torch.Tensor:
-        """Cross entropy of every position [b, s] (fp32), mask not applied."""
-        return vocab_parallel_cross_entropy(logits, batch["labels"], groups.tp)
+        """Cross entropy of every position [b, s] (fp32), mask not applied; consumes the logits (their storage
+        becomes the saved softmax)."""
+        return vocab_parallel_cross_entropy(logits, batch["labels"], groups.tp, in_place=True)
 
     def __call__(self, logits: torch.Tensor, batch: Batch, groups: ProcessGroups) -> LossOutput:
         return LossOutput((self.per_token(logits, batch, groups) * batch["loss_mask"]).sum())

@@ -123,6 +123,13 @@ def build_chunks(config: MegaliteConfig, groups: ProcessGroups, context: ModelCo
     return chunks
 
 
+def single_use_params(chunks: list[GPTModel]) -> list[torch.nn.Parameter]:
+    """Parameters each product of a pass uses once: all but the embedding weights (a tied one is also the output
+    layer's weight), whose gradients may go straight into their main gradient."""
+    embeddings = {id(c.embedding.weight) for c in chunks if c.pre_process or (c.post_process and c.tied)}
+    return [p for c in chunks for p in c.parameters() if id(p) not in embeddings]
+
+
 def tied_copies(chunks: list[GPTModel]) -> list[torch.nn.Parameter]:
     """The last stage's copy of a tied embedding whose first stage lives on another rank."""
     if any(c.pre_process for c in chunks):
@@ -167,7 +174,8 @@ def setup(config: MegaliteConfig, derived: Derived, *, trainable: bool = True,
         reducer = GradReducer(list(model.parameters()), groups, bucket_size=t.ddp_bucket_size,
                               overlap=t.overlap_grad_reduce, distributed=t.use_distributed_optimizer,
                               tied_params=embedding_group_params(chunks),
-                              chunks=[list(c.parameters()) for c in chunks])
+                              chunks=[list(c.parameters()) for c in chunks], fusable=single_use_params(chunks))
+        context.grad_sink = reducer.accumulate_in_place
         optimizer = MixedPrecisionAdamW(reducer, groups, t, not_counted=tied_copies(chunks))
     else:
         model.requires_grad_(False)

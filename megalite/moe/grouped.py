@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from megalite.context import ModelContext
+    from megalite.context import GradSink, ModelContext
 
 
 @functools.cache
@@ -174,18 +174,28 @@ def _blocked_forward(plan: GroupedMatmul, x: torch.Tensor, w1: torch.Tensor, w2:
 
 
 def _blocked_backward(plan: GroupedMatmul, grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor, s: torch.Tensor,
-                      a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, swiglu: bool, weights: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                      a: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, swiglu: bool, weights: bool,
+                      params: tuple[torch.nn.Parameter, ...] = (), sink: GradSink | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """Expert by expert: the input gradient, fc1's output gradient and (`weights`) the weight gradients, fc1's
-    then fc2's (zeros for experts without rows)."""
+    then fc2's (zeros for experts without rows). With a gradient `sink` (fp32), a weight gradient goes straight into
+    its parameter's main gradient (its entry None) wherever the sink takes it."""
     dx, dh = torch.empty_like(x), torch.empty_like(h)
     dw1, dw2 = [], []
+    num = len(plan.counts)
+
+    def weight_grad(index: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor | None:
+        """left^T right for parameter `index`, or None where the sink accumulated it in place."""
+        if sink is not None and sink(params[index], lambda main: main.addmm_(left.t(), right)):
+            return None
+        return left.t().mm(right)
+
     for e, (ge, xe, he, se, ae, dxe, dhe) in enumerate(zip(*(t.split(plan.counts)
                                                             for t in (grad, x, h, s, a, dx, dh)))):
         if not ge.shape[0]:
             if weights:
-                dw1.append(w1.new_zeros(w1.shape[1:]))
-                dw2.append(w2.new_zeros(w2.shape[1:]))
+                dw1.append(weight_grad(e, dhe, xe))  # zeros (or nothing added), but a contribution all the same
+                dw2.append(weight_grad(num + e, ge, ae))
             continue
         da = ge.mm(w2[e])
         if swiglu:
@@ -197,8 +207,8 @@ def _blocked_backward(plan: GroupedMatmul, grad: torch.Tensor, x: torch.Tensor, 
             torch.ops.aten.gelu_backward.grad_input(da, he, grad_input=dhe)
         torch.mm(dhe, w1[e], out=dxe)
         if weights:
-            dw1.append(dhe.t().mm(xe))
-            dw2.append(ge.t().mm(ae))
+            dw1.append(weight_grad(e, dhe, xe))
+            dw2.append(weight_grad(num + e, ge, ae))
     return dx, dh, dw1 + dw2
 
 
@@ -230,7 +240,9 @@ class _GroupedMLPFunction(torch.autograd.Function):
         wanted = params[0].requires_grad
         grads = None
         if plan.method == "blocked":
-            dx, dh, grads = _blocked_backward(plan, grad, x, h, s, a, w1, w2, ctx.swiglu, wanted and queue is None)
+            sink = ctx.context.grad_sink if grad.dtype == torch.float32 else None
+            dx, dh, grads = _blocked_backward(plan, grad, x, h, s, a, w1, w2, ctx.swiglu, wanted and queue is None,
+                                              params, sink)
         else:
             dh = _activation_backward(plan.mm(grad, w2), h, ctx.swiglu)
             dx = plan.mm(dh, w1)
@@ -242,7 +254,7 @@ class _GroupedMLPFunction(torch.autograd.Function):
             return [*plan.weight_grad(dh, x).unbind(0), *plan.weight_grad(grad, a).unbind(0)]
 
         if queue is None:
-            return dx, None, None, None, *(grads or weight_grads())
+            return dx, None, None, None, *(grads if grads is not None else weight_grads())
 
         @torch.no_grad()
         def deferred() -> list[tuple[torch.nn.Parameter, torch.Tensor]]:

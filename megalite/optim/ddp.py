@@ -10,8 +10,9 @@ They live in buckets of their own, summed over those groups first and then over 
 
 With `overlap`, every other bucket starts its reduction as soon as every gradient in it is final, whatever the
 pipeline schedule. A gradient arrives as a contribution of one kind: "B" from autograd during a backward action
-(`register_post_accumulate_grad_hook`), or "W" from a split backward's weight-gradient pass (`add_deferred`, called
-by the pipeline runtime). Each parameter receives one contribution per microbatch, of one kind, from the one model
+(`register_post_accumulate_grad_hook`; or, for fp32 weights of linear layers and grouped experts, written by the
+layer straight into `main_grad` through `accumulate_in_place`, the model context's `grad_sink`: no gradient tensor,
+no add), or "W" from a split backward's weight-gradient pass (`add_deferred`, called by the pipeline runtime). Each parameter receives one contribution per microbatch, of one kind, from the one model
 chunk it belongs to; the runtime calls `last_contributions(chunk, kind)` when the chunk's backward of that kind for
 the step's last microbatch begins, and from then on a contribution of that kind is final. Parameters held by two
 chunks on this rank (the tied embedding of zb-v) are in buckets reduced in `finish()`. A contribution after a
@@ -24,7 +25,7 @@ rank of the data-parallel group receives the sum of its 1/g of the bucket, the p
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -76,9 +77,11 @@ class GradReducer:
 
     def __init__(self, params: list[torch.nn.Parameter], groups: ProcessGroups, *, bucket_size: int = 40_000_000,
                  overlap: bool = False, distributed: bool = False, tied_params: list[torch.nn.Parameter] = (),
-                 chunks: list[list[torch.nn.Parameter]] | None = None):
+                 chunks: list[list[torch.nn.Parameter]] | None = None, fusable: list[torch.nn.Parameter] = ()):
         self.groups, self.overlap, self.distributed = groups, overlap, distributed
         self.params = [p for p in params if p.requires_grad]
+        self._fusable = {id(p) for p in fusable if p.requires_grad}
+        """Parameters whose weight gradient `accumulate_in_place` may write (each used by one product per pass)."""
         self.tied_params = list(tied_params)
         chunks = [self.params] if chunks is None else chunks
         holders: dict[int, int] = {}
@@ -166,12 +169,26 @@ class GradReducer:
         """A weight gradient computed by the W pass of a split backward."""
         self._contribute(p, grad, "W")
 
-    def _contribute(self, p: torch.nn.Parameter, grad: torch.Tensor, kind: Kind) -> None:
+    def accumulate_in_place(self, p: torch.nn.Parameter, write: Callable[[torch.Tensor], None]) -> bool:
+        """Gradient-accumulation fusion (a `ModelContext.grad_sink`): `write(p.main_grad)` adds an autograd-time
+        weight gradient straight into the fp32 buffer (an accumulating matmul: no gradient tensor, no add), counted
+        as `p`'s B contribution. False, and nothing written, for parameters outside `fusable` (used by more than
+        one product: their autograd gradient is the sum of all uses, one contribution)."""
+        if id(p) not in self._fusable:
+            return False
+        self._contribute(p, None, "B", write)
+        return True
+
+    def _contribute(self, p: torch.nn.Parameter, grad: torch.Tensor | None, kind: Kind,
+                    write: Callable[[torch.Tensor], None] | None = None) -> None:
         key = id(p)
         if key in self._done:
             raise RuntimeError(f"{self._name[key]}: a {kind} gradient arrived after its last one of the step, when its "
                                "bucket's reduction may have started; the schedule and the reducer disagree")
-        p.main_grad.add_(grad)
+        if write is not None:
+            write(p.main_grad)
+        else:
+            p.main_grad.add_(grad)
         if key in self._final[kind]:
             self._done.add(key)
             bucket = self._bucket_of[key]

@@ -32,7 +32,8 @@ class _LinearFunction(torch.autograd.Function):
 
     forward: all-gather x over `sp_group` if given, then the local matmul; only the local x is saved.
     backward: dx = dy @ W, reduce-scattered over `sp_group` if given; dW = dy^T @ gather(x), db = sum(dy),
-    computed now, or queued on the context (the W pass returns them as (parameter, gradient) pairs).
+    computed now, or queued on the context (the W pass returns them as (parameter, gradient) pairs). Computed now in
+    fp32 under a gradient reducer, dW is accumulated straight into the parameter's main gradient (`grad_sink`).
     """
 
     @staticmethod
@@ -54,17 +55,26 @@ class _LinearFunction(torch.autograd.Function):
         if sp_group is not None:
             grad_input = mappings._reduce_scatter0(grad_input, sp_group)
 
-        def weight_grads() -> tuple[torch.Tensor, torch.Tensor | None]:
+        def operands() -> tuple[torch.Tensor, torch.Tensor]:
+            """dy and gather(x) as [tokens, out] and [tokens, in]: dW = dy^T gather(x)."""
             total = mappings._gather(x, 0, sp_group) if sp_group is not None else x
-            g2 = grad.reshape(-1, grad.shape[-1])
-            grad_weight = g2.t().matmul(total.reshape(-1, total.shape[-1]))
-            grad_bias = g2.sum(0) if ctx.has_bias else None
-            return grad_weight, grad_bias
+            return grad.reshape(-1, grad.shape[-1]), total.reshape(-1, total.shape[-1])
+
+        def weight_grads() -> tuple[torch.Tensor, torch.Tensor | None]:
+            g2, total = operands()
+            return g2.t().matmul(total), (g2.sum(0) if ctx.has_bias else None)
 
         weight_param, bias_param = ctx.weight_param, ctx.bias_param
         queue = ctx.context.weight_grad_queue
-        if queue is None or not weight_param.requires_grad:
-            grad_weight, grad_bias = weight_grads() if weight_param.requires_grad else (None, None)
+        if not weight_param.requires_grad:
+            return grad_input, None, None, None, None
+        if queue is None:
+            sink = ctx.context.grad_sink
+            if sink is not None and grad.dtype == torch.float32:  # fp32: accumulate into the main gradient
+                g2, total = operands()
+                if sink(weight_param, lambda main: main.addmm_(g2.t(), total)):
+                    return grad_input, None, (g2.sum(0) if ctx.has_bias else None), None, None
+            grad_weight, grad_bias = weight_grads()
             return grad_input, grad_weight, grad_bias, None, None
 
         @torch.no_grad()
