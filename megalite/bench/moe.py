@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from megalite.bench.step import time_interleaved
+from megalite.bench.step import add_timing_args, time_interleaved
 from megalite.config import MegaliteConfig, ModelConfig, TrainingConfig
 from megalite.engine.losses import CrossEntropyLoss
 from megalite.moe.experts import LocalExperts
@@ -43,10 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-experts", type=int, default=8, help="table 2's model")
     parser.add_argument("--moe-router-topk", type=int, default=2, help="table 2's model")
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--iters", type=int, default=20, help="timed calls of each variant")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each variant first")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: steadiest on a shared machine; 0: torch's default)")
+    add_timing_args(parser, "calls of each variant")
     args = parser.parse_args(argv)
     if min(args.hidden_size, args.moe_ffn_hidden_size, args.seq_length, args.micro_batch_size, args.num_layers,
            args.iters, *args.experts, *args.topk) < 1 or args.warmup < 0 or args.threads < 0:

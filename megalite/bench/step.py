@@ -236,6 +236,14 @@ class StepPair:
         return out
 
 
+def add_timing_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """--iters, --warmup and --threads of an interleaved benchmark (`time_interleaved`)."""
+    parser.add_argument("--iters", type=int, default=20, help=f"timed {what}")
+    parser.add_argument("--warmup", type=int, default=3, help=f"untimed {what} first")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: steadiest on a shared machine; 0: torch's default)")
+
+
 def time_interleaved(steps: dict[str, Callable[[], float]], warmup: int, iters: int) -> dict[str, list[float]]:
     """Seconds per call of each step: `warmup` untimed rounds, then `iters` timed rounds whose order flips each
     round, so that drift in the machine's speed affects both alike."""
@@ -272,10 +280,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="RMSNorm")
     parser.add_argument("--swiglu", action="store_true")
-    parser.add_argument("--iters", type=int, default=20, help="timed steps of each model")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: steadiest on a shared machine; 0: torch's default)")
+    add_timing_args(parser, "steps of each model")
     args = parser.parse_args(argv)
     if min(args.num_layers, args.hidden_size, args.num_attention_heads, args.seq_length, args.micro_batch_size,
            args.vocab_size, args.iters) < 1 or args.warmup < 0 or args.threads < 0:
