@@ -1,28 +1,40 @@
-"""`megalite bench moe`: the grouped experts against the per-expert loop they replace, same run, CPU.
+"""`megalite bench moe`: the grouped experts against the per-expert loop they replace, and the MoE training step
+against the code before issue 17, same run, CPU.
 
 Table 1: one MoE layer's forward + backward (router, dispatch, experts, combine; SwiGLU experts, tokens = seq x
 batch) for each number of experts and top-k, with the loop (`LocalExperts.grouped = False`, the implementation
 before the grouped experts) and every grouped formulation this device runs (megalite/moe/grouped.py), the ratio
 of the default one to the loop. Table 2: the training step (forward + backward + AdamW, `megalite train`'s engine)
-of a small MoE GPT, built twice from the same seed: as before issue 17 (the expert loop, torch's for-loop AdamW, the
-out-of-place cross entropy, weight gradients added to the main gradients) and as now (grouped experts, fused AdamW,
-the cross entropy in place, gradient-accumulation fusion); the first step's losses must agree. Calls alternate (the order flips every round) after warm-up, as in `megalite bench step`;
-medians, minima and the median of the per-round ratios are reported (docs/benchmarks.md).
+of a small MoE GPT, run by two processes (megalite/bench/moe_worker.py): one on this megalite, one on the baseline
+(`--baseline`: a git revision of this checkout, by default the commit before issue 17's first change, or a
+directory holding another megalite); both build the model from the same seed and their first-step losses must
+agree. Calls alternate (the order flips every round) after warm-up, as in `megalite bench step`; medians, minima
+and the median of the per-round ratios are reported (docs/benchmarks.md).
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
 
 import torch
 
 from megalite.bench.step import add_timing_args, time_interleaved
-from megalite.config import MegaliteConfig, ModelConfig, TrainingConfig
-from megalite.engine.losses import CrossEntropyLoss
+from megalite.config import ModelConfig
 from megalite.moe.experts import LocalExperts
 from megalite.moe.grouped import default_method, grouped_mm_works
 from megalite.parser import Parser
-from megalite.tensor_parallel import vocab_parallel_cross_entropy
+
+
+PRE_ISSUE_17 = "cba9d6c"
+"""The commit before issue 17's first change: table 2's default baseline ("today's implementation" of the issue)."""
 
 
 def _ints(text: str) -> list[int]:
@@ -43,6 +55,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-experts", type=int, default=8, help="table 2's model")
     parser.add_argument("--moe-router-topk", type=int, default=2, help="table 2's model")
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--baseline", default=PRE_ISSUE_17,
+                        help="table 2's 'before': a git revision of this checkout, a directory holding another "
+                             "megalite, or 'none' (no table 2)")
     add_timing_args(parser, "calls of each variant")
     args = parser.parse_args(argv)
     if min(args.hidden_size, args.moe_ffn_hidden_size, args.seq_length, args.micro_batch_size, args.num_layers,
@@ -114,56 +129,71 @@ def layer_table(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-class _OutOfPlaceCrossEntropy(CrossEntropyLoss):
-    """Pretraining's loss as before issue 17: the cross entropy leaves the logits alone (a second logits-sized
-    tensor)."""
-
-    def per_token(self, logits: torch.Tensor, batch: dict, groups) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, batch["labels"], groups.tp, in_place=False)
+def this_tree() -> Path:
+    """The directory holding this `megalite` package."""
+    return Path(__file__).resolve().parents[2]
 
 
-class MoEStep:
-    """One `megalite train` step (schedule 'none', gradient reducer, `MixedPrecisionAdamW`) of an MoE GPT whose
-    experts use `method`; its own (size-one) process groups on the initialised default group."""
+def baseline_tree(ref: str, workdir: Path) -> Path:
+    """A megalite source tree for `ref`: a directory holding `megalite/`, or a git revision of this checkout exported
+    into `workdir`. Raises ValueError naming the flag when neither works."""
+    if (Path(ref) / "megalite" / "__init__.py").is_file():
+        return Path(ref).resolve()
+    result = subprocess.run(["git", "-C", str(this_tree()), "archive", "--format=tar", ref, "megalite"],
+                            capture_output=True)
+    if result.returncode != 0:
+        raise ValueError(f"--baseline {ref}: neither a directory holding megalite/ nor a revision of a git checkout at "
+                         f"{this_tree()} ({result.stderr.decode().strip() or 'git failed'}); pass a megalite source "
+                         "tree, or --baseline none to skip table 2")
+    with tarfile.open(fileobj=io.BytesIO(result.stdout)) as archive:
+        archive.extractall(workdir, filter="data")
+    return workdir
 
-    def __init__(self, args: argparse.Namespace, method: str, seed: int = 1234):
-        from megalite.arguments import resolve
-        from megalite.engine.setup import setup
 
-        model = ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size, swiglu=True,
-                            num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-                            ffn_hidden_size=args.moe_ffn_hidden_size * 2, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-                            num_experts=args.num_experts, moe_router_topk=args.moe_router_topk, moe_aux_loss_coeff=0.01,
-                            seq_length=args.seq_length, normalization="RMSNorm", disable_bias_linear=True,
-                            vocab_size=args.vocab_size, make_vocab_size_divisible_by=1)
-        self.train = TrainingConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0, micro_batch_size=args.micro_batch_size,
-                                    seed=seed)
-        config, derived = resolve(MegaliteConfig(model=model, training=self.train), 1)
-        self.run = setup(config, derived)
-        _set_experts(self.run.chunks[0], method)
-        self.loss = CrossEntropyLoss()
-        if method == "loop":  # before issue 17: the expert loop, torch's for-loop AdamW, out-of-place cross entropy,
-            for group in self.run.optimizer.adam.param_groups:  # weight gradients added to the main gradients
-                group["fused"] = None
-            self.loss = _OutOfPlaceCrossEntropy()
-            self.run.context.grad_sink = None
-        data = torch.randint(0, args.vocab_size, (args.micro_batch_size, args.seq_length + 1),
-                             generator=torch.Generator().manual_seed(seed))
-        tokens = data[:, :-1]
-        self.batches = [{"tokens": tokens, "labels": data[:, 1:], "loss_mask": torch.ones(tokens.shape)}]
+class StepWorker:
+    """A `moe_worker` process running the MoE GPT step of the megalite at `tree` (see megalite/bench/moe_worker.py)."""
 
-    def step(self) -> float:
-        from megalite.engine.step import forward_backward, optimizer_step
+    def __init__(self, tree: Path, flags: list[str], seed: int, threads: int):
+        from megalite.bench import moe_worker
 
-        self.run.reducer.zero_grad()
-        loss = forward_backward(self.run, self.batches, self.loss).loss
-        optimizer_step(self.run, self.train.lr)
-        return loss
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])])}
+        self.tree = tree
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", Path(moe_worker.__file__).read_text(), json.dumps(flags), str(seed), str(threads)],
+            cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        imported = Path(self._answer("tree")).resolve()
+        if not imported.is_relative_to(tree.resolve()):
+            raise RuntimeError(f"the step worker for {tree} imported megalite from {imported}")
+        self.first_loss = float(self._answer("loss"))
+
+    def _answer(self, key: str) -> str:
+        line = self.proc.stdout.readline()
+        if not line.startswith(key):
+            raise RuntimeError(f"the step worker for {self.tree} stopped ({line.strip() or 'no answer'}); its error "
+                               "is printed above")
+        return line[len(key):].strip()
+
+    def step(self) -> None:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        self._answer("done")
 
     def close(self) -> None:
-        from megalite import parallel_state as ps
+        self.proc.stdin.close()
+        self.proc.wait()
 
-        ps.destroy_model_parallel(self.run.groups)
+
+def step_flags(args: argparse.Namespace) -> list[str]:
+    """Table 2's model as `megalite train` flags (both trees parse them alike)."""
+    return ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size), "--swiglu",
+            "--num-attention-heads", str(args.num_attention_heads), "--num-query-groups", str(args.num_query_groups),
+            "--ffn-hidden-size", str(args.moe_ffn_hidden_size * 2), "--moe-ffn-hidden-size",
+            str(args.moe_ffn_hidden_size), "--num-experts", str(args.num_experts), "--moe-router-topk",
+            str(args.moe_router_topk), "--moe-aux-loss-coeff", "0.01", "--seq-length", str(args.seq_length),
+            "--normalization", "RMSNorm", "--disable-bias-linear", "--vocab-size", str(args.vocab_size),
+            "--make-vocab-size-divisible-by", "1", "--lr", "1e-3", "--weight-decay", "0.1", "--clip-grad", "1.0",
+            "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.micro_batch_size),
+            "--seed", "1234"]
 
 
 def main(argv: list[str]) -> int:
@@ -172,18 +202,26 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    init_distributed("gloo")
-    rows = layer_table(args)
-    steps = {m: MoEStep(args, m) for m in ("loop", _methods(args)[0])}
-    try:
-        return report(args, rows, steps)
-    finally:
-        for s in steps.values():
-            s.close()
+    with tempfile.TemporaryDirectory(prefix="megalite-baseline-") as workdir:
+        try:
+            before = None if args.baseline == "none" else baseline_tree(args.baseline, Path(workdir))
+        except ValueError as e:
+            print(f"megalite bench moe: {e}", file=sys.stderr)
+            return 2
+        init_distributed("gloo")
+        rows = layer_table(args)
+        steps: dict[str, StepWorker] = {}
+        try:
+            for name, tree in (("before", before), ("now", this_tree())) if before is not None else ():
+                steps[name] = StepWorker(tree, step_flags(args), 1234, args.threads)
+            return report(args, rows, steps)
+        finally:
+            for worker in steps.values():
+                worker.close()
 
 
-def report(args: argparse.Namespace, rows: list[dict], steps: dict[str, MoEStep]) -> int:
-    """Print both tables; 1 if the two models' first-step losses differ."""
+def report(args: argparse.Namespace, rows: list[dict], steps: dict[str, StepWorker]) -> int:
+    """Print table 1, and table 2 when `steps` holds the two trees' workers; 1 if their first-step losses differ."""
     variants = list(rows[0]["med"]) if rows else []
     tokens = args.seq_length * args.micro_batch_size
     print(f"Table 1: one MoE layer, forward + backward: {tokens} tokens, hidden {args.hidden_size}, expert ffn "
@@ -197,27 +235,30 @@ def report(args: argparse.Namespace, rows: list[dict], steps: dict[str, MoEStep]
         print(f"| {r['experts']:>7} | {r['topk']:>5} | "
               + " | ".join(f"{r['med'][v] * 1e3:{width}.2f}" for v in variants)
               + f" | {r['med'][variants[1]] / r['med']['loop']:.3f} |")
-    names = list(steps)
-    first = {m: s.step() for m, s in steps.items()}
-    if abs(first[names[0]] - first[names[1]]) > 1e-5 * abs(first[names[0]]):
-        print(f"ERROR: the models differ: first-step loss {first}")
+    if not steps:
+        return 0
+    before, now = steps["before"], steps["now"]
+    print()
+    print(f"Table 2: MoE GPT training step (forward + backward + AdamW, `megalite train`'s engine): {args.num_layers} "
+          f"layers, hidden {args.hidden_size}, {args.num_attention_heads} heads / {args.num_query_groups} groups, "
+          f"{args.num_experts} experts top-{args.moe_router_topk}, expert ffn {args.moe_ffn_hidden_size}, seq "
+          f"{args.seq_length}, batch {args.micro_batch_size}, vocab {args.vocab_size}, fp32, "
+          f"{args.threads or 'default'} CPU thread(s); each tree in a process of its own, steps alternated")
+    print(f"before: megalite at --baseline {args.baseline} ({before.tree}); now: {now.tree}")
+    print(f"first-step loss: before {before.first_loss:.6f}, now {now.first_loss:.6f}", end="")
+    if abs(before.first_loss - now.first_loss) > 1e-5 * abs(before.first_loss):
+        print("\nERROR: the two trees compute different models (first-step losses differ by more than 1e-5)")
         return 1
-    times = time_interleaved({m: s.step for m, s in steps.items()}, args.warmup, args.iters)
+    print(" (equal to 1e-5)")
+    times = time_interleaved({"before": before.step, "now": now.step}, args.warmup, args.iters)
     med = {m: statistics.median(v) for m, v in times.items()}
-    paired = statistics.median(a / b for a, b in zip(times[names[1]], times["loop"]))
+    paired = statistics.median(a / b for a, b in zip(times["now"], times["before"]))
     print()
-    print(f"Table 2: MoE GPT training step (forward + backward + AdamW): {args.num_layers} layers, hidden "
-          f"{args.hidden_size}, {args.num_attention_heads} heads / {args.num_query_groups} groups, {args.num_experts} "
-          f"experts top-{args.moe_router_topk}, expert ffn {args.moe_ffn_hidden_size}, seq {args.seq_length}, batch "
-          f"{args.micro_batch_size}, vocab {args.vocab_size}, fp32, {torch.get_num_threads()} CPU thread(s)")
-    print(f"first-step loss: loop {first['loop']:.6f}, {names[1]} {first[names[1]]:.6f} (equal to 1e-5)")
+    print(f"| {'tree':<8} | {'median ms':>9} | {'min ms':>8} |")
+    print(f"|{'-' * 10}|{'-' * 11}|{'-' * 10}|")
+    for m in ("before", "now"):
+        print(f"| {m:<8} | {med[m] * 1e3:9.1f} | {min(times[m]) * 1e3:8.1f} |")
     print()
-    print(f"| {'implementation':<28} | {'median ms':>9} | {'min ms':>8} |")
-    print(f"|{'-' * 30}|{'-' * 11}|{'-' * 10}|")
-    label = {"loop": "before: loop experts etc.", names[1]: f"now: {names[1]} experts etc."}
-    for m in names:
-        print(f"| {label[m]:<28} | {med[m] * 1e3:9.1f} | {min(times[m]) * 1e3:8.1f} |")
-    print()
-    print(f"now / before = {med[names[1]] / med['loop']:.3f} (medians), {paired:.3f} (median of the per-round "
-          f"ratios), {min(times[names[1]]) / min(times['loop']):.3f} (minima)")
+    print(f"now / before = {med['now'] / med['before']:.3f} (medians), {paired:.3f} (median of the per-round "
+          f"ratios), {min(times['now']) / min(times['before']):.3f} (minima)")
     return 0

@@ -101,8 +101,9 @@ def evaluate(run: Run, batches: list[Batch], loss: Loss = CrossEntropyLoss()) ->
 
 
 def optimizer_step(run: Run, lr: float) -> tuple[float | None, bool]:
-    """Update the weights (and the MoE expert biases); returns (grad norm, skipped)."""
+    """Update the weights (and the MoE expert biases, with --moe-router-enable-expert-bias); returns (grad norm,
+    skipped)."""
     grad_norm, skipped = run.optimizer.step(lr)
-    if not skipped:
+    if not skipped and run.config.model.moe_router_enable_expert_bias:
         update_expert_biases(run.model, run.groups)
     return grad_norm, skipped

@@ -16,9 +16,10 @@ communication with computation) replaces single phases:
 - dispatch_postprocess: the received rows sorted by local expert (they arrive as [ETP source][EP source][local
   expert] blocks).
 combine undoes these in reverse: the local-expert sort, the ETP gather (a reduce-scatter: the ETP ranks' partial
-outputs are summed) and the all-to-all, and the permutation, returning one row per (token, expert) pair: [T, k, h],
-zero for dropped pairs. Nothing is kept on the dispatcher between the calls (the state travels in `DispatchState`),
-so several microbatches may be in flight.
+outputs are summed) and the all-to-all, and the permutation with the routing weights applied (Megatron-Core's
+unpermute with probs): each token's output [T, h] is the weighted sum of its kept pairs' rows, one `index_add` (its
+backward a gather), and dropped pairs add nothing. Nothing is kept on the dispatcher between the calls (the state
+travels in `DispatchState`), so several microbatches may be in flight.
 """
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ class DispatchState:
 
     num_tokens: int
     topk: int
-    row_of_pair: torch.Tensor
-    """For each (token, slot) pair, flat as token x k + slot: its row in dispatch order, or the number of rows
-    when the pair was dropped."""
+    pair_ids: torch.Tensor
+    """The kept (token, slot) pairs, flat as token x k + slot, in dispatch order (row i of the dispatched rows is
+    pair `pair_ids[i]`)."""
     send_splits: list[int]
     """Rows sent to each EP rank."""
     recv_splits: list[int]
@@ -67,9 +68,10 @@ class TokenDispatcher(ABC):
         rows, tokens_per_expert = self.dispatch_postprocess(rows, state)
         return rows, tokens_per_expert, state
 
-    def combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """Expert outputs [M, h] in `dispatch`'s order -> [T, k, h] per (token, expert) pair, zero where dropped."""
-        return self.combine_postprocess(self.token_combine(self.combine_preprocess(y, state), state), state)
+    def combine(self, y: torch.Tensor, state: DispatchState, weights: torch.Tensor) -> torch.Tensor:
+        """Expert outputs [M, h] in `dispatch`'s order and the routing weights [T, k] -> [T, h]: per token, the sum
+        of its kept pairs' outputs times their weights."""
+        return self.combine_postprocess(self.token_combine(self.combine_preprocess(y, state), state), state, weights)
 
     @abstractmethod
     def dispatch_preprocess(self, x: torch.Tensor, indices: torch.Tensor, keep: torch.Tensor | None
@@ -93,8 +95,8 @@ class TokenDispatcher(ABC):
         """Undo `token_dispatch`: every output row back to the rank of its token."""
 
     @abstractmethod
-    def combine_postprocess(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        """Undo `dispatch_preprocess`: one row per (token, expert) pair, [T, k, h]."""
+    def combine_postprocess(self, y: torch.Tensor, state: DispatchState, weights: torch.Tensor) -> torch.Tensor:
+        """Undo `dispatch_preprocess`: the rows, times their pairs' weights [T, k], summed per token: [T, h]."""
 
 
 def _all_gather_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -129,21 +131,20 @@ class AllToAllDispatcher(TokenDispatcher):
         if keep is not None:
             pair_ids = pair_ids[keep.reshape(-1)]
         pair_ids = pair_ids[torch.argsort(experts[pair_ids], stable=True)]
-        row_of_pair = torch.full_like(experts, pair_ids.numel())
-        row_of_pair[pair_ids] = torch.arange(pair_ids.numel(), device=x.device)
-
+        # index_select, not x[...]: its backward is an index_add_, not the slower accumulating index_put_
+        rows = x.index_select(0, pair_ids // topk)
         counts = torch.bincount(experts[pair_ids], minlength=self.num_experts)
         if self.alone:  # one EP and one ETP rank: nothing to exchange
             m = [pair_ids.numel()]
-            return x[pair_ids // topk], DispatchState(num_tokens, topk, row_of_pair, m, m, m, counts.view(1, 1, -1))
+            return rows, DispatchState(num_tokens, topk, pair_ids, m, m, m, counts.view(1, 1, -1))
         local = slice(self.first_local, self.first_local + self.num_local)
         from_each_ep = _all_gather_counts(counts, self.ep_group)[:, local]
         arrivals = _all_gather_counts(from_each_ep.contiguous(), self.etp_group)  # [etp, ep, local experts]
         state = DispatchState(
-            num_tokens, topk, row_of_pair, send_splits=counts.view(self.ep_size, self.num_local).sum(1).tolist(),
+            num_tokens, topk, pair_ids, send_splits=counts.view(self.ep_size, self.num_local).sum(1).tolist(),
             recv_splits=from_each_ep.sum(1).tolist(), etp_sizes=arrivals.sum((1, 2)).tolist(), arrivals=arrivals,
         )
-        return x[pair_ids // topk], state
+        return rows, state
 
     def token_dispatch(self, rows: torch.Tensor, state: DispatchState) -> torch.Tensor:
         if self.alone:
@@ -158,10 +159,10 @@ class AllToAllDispatcher(TokenDispatcher):
         local_expert = torch.arange(self.num_local, device=rows.device).repeat(blocks.numel() // self.num_local)
         sort = torch.argsort(torch.repeat_interleave(local_expert, blocks), stable=True)
         state.unsort = torch.argsort(sort)
-        return rows[sort], state.arrivals.sum((0, 1)).tolist()
+        return rows.index_select(0, sort), state.arrivals.sum((0, 1)).tolist()
 
     def combine_preprocess(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        return y if state.unsort is None else y[state.unsort]
+        return y if state.unsort is None else y.index_select(0, state.unsort)
 
     def token_combine(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
         if self.alone:
@@ -169,8 +170,7 @@ class AllToAllDispatcher(TokenDispatcher):
         y = reduce_scatter_rows(y, self.etp_group, state.etp_sizes)
         return all_to_all(y, self.ep_group, state.send_splits, state.recv_splits)
 
-    def combine_postprocess(self, y: torch.Tensor, state: DispatchState) -> torch.Tensor:
-        # a gather from the rows plus one zero row for the dropped pairs: indexing keeps only the index for
-        # backward (index_copy would keep the [M, h] rows too)
-        y = torch.cat([y, y.new_zeros((1, *y.shape[1:]))])
-        return y[state.row_of_pair].view(state.num_tokens, state.topk, *y.shape[1:])
+    def combine_postprocess(self, y: torch.Tensor, state: DispatchState, weights: torch.Tensor) -> torch.Tensor:
+        row_weights = weights.reshape(-1).index_select(0, state.pair_ids).to(y.dtype)
+        out = y.new_zeros((state.num_tokens, *y.shape[1:]))
+        return out.index_add_(0, state.pair_ids // state.topk, y * row_weights.unsqueeze(-1))

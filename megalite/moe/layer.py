@@ -91,8 +91,7 @@ class MoELayer(torch.nn.Module):
         if self.context.routing_record is not None:
             self._record(routing.indices, x.shape[0] * (self.tp_size if split else 1), x.shape[1])
         rows, tokens_per_expert, state = self.dispatcher.dispatch(flat, routing.indices, keep)
-        pairs = self.dispatcher.combine(self.experts(rows, tokens_per_expert), state)
-        y = (pairs * routing.weights.unsqueeze(-1).to(pairs.dtype)).sum(1)
+        y = self.dispatcher.combine(self.experts(rows, tokens_per_expert), state, routing.weights)
         if not split:
             y = mappings.gather_from_sequence_parallel_region(y, self.tp_group, grad_is_partial=False)
             y = y[: y.shape[0] - pad]

@@ -104,16 +104,23 @@ class MixedPrecisionAdamW:
         norm = global_grad_norm([m.grad for m in self.main], self.counted)
         if not math.isfinite(norm):
             return norm, True
-        if self.clip_grad > 0 and norm > self.clip_grad:
-            coef = self.clip_grad / (norm + 1e-6)
-            for m in self.main:
-                m.grad.mul_(coef)
+        self._clip(norm)
         for group in self.adam.param_groups:
             group["lr"] = lr
         self.adam.step()
         self._write_back()
         self.reducer.gather_params()
         return norm, False
+
+    def _clip(self, norm: float) -> None:
+        """Scale the gradients by clip / (norm + 1e-6) when the norm exceeds `clip_grad`. The fused AdamW takes the
+        factor as its `grad_scale` (the attribute torch's AMP GradScaler sets: the kernel divides each gradient by it
+        as it reads it), saving a pass over all gradients; the for-loop AdamW gets the gradients scaled first."""
+        divisor = (norm + 1e-6) / self.clip_grad if 0 < self.clip_grad < norm else None
+        if any(g.get("fused") for g in self.adam.param_groups):
+            self.adam.grad_scale = None if divisor is None else torch.tensor(divisor, device=self.main[0].device)
+        elif divisor is not None:
+            torch._foreach_div_([m.grad for m in self.main], divisor)
 
     @torch.no_grad()
     def _write_back(self) -> None:

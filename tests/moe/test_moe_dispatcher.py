@@ -1,6 +1,6 @@
-"""The token dispatcher on its own: the uneven ETP collectives, the exact identity-expert round trip (with dropped
-pairs, experts and whole ranks that receive no tokens) on EP = 2 and 4 and with ETP = 2, and the all-to-all bytes of
-each direction against tokens x top-k x hidden x element size."""
+"""The token dispatcher on its own: the uneven ETP collectives, the exact identity-expert round trip (weighted
+combine; with dropped pairs, experts and whole ranks that receive no tokens) on EP = 2 and 4 and with ETP = 2, and
+the all-to-all bytes of each direction against tokens x top-k x hidden x element size."""
 import torch
 import torch.distributed as dist
 
@@ -43,7 +43,8 @@ def test_uneven_gather_and_reduce_scatter_rows_on_4_ranks():
 
 def _tokens(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank `rank`'s tokens (row t = 1000 rank + t + column / 10, all distinct), experts and keep mask.
-    Experts 6 and 7 never receive a token (with EP = 4 the last EP rank receives nothing)."""
+    Experts 6 and 7 never receive a token (with EP = 4 the last EP rank receives nothing); the routing weights are
+    `_weights(rank)`."""
     t = torch.arange(T)
     x = (1000.0 * rank + t).unsqueeze(1) + torch.arange(H) / 10
     first = (t + rank) % 6
@@ -52,8 +53,13 @@ def _tokens(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, indices, keep
 
 
+def _weights(rank: int) -> torch.Tensor:
+    return torch.rand(T, K, generator=torch.Generator().manual_seed(100 + rank))
+
+
 def _round_trip(layouts: list[tuple[int, int]]) -> list[dict]:
-    """Identity experts (each ETP rank returns rows / ETP, so the reduce-scatter sums back to the rows)."""
+    """Identity experts (each ETP rank returns rows / ETP, so the reduce-scatter sums back to the rows): every token
+    comes back as the weighted sum of its kept pairs, and the gradients of the tokens and weights are exact."""
     results = []
     for ep, etp in layouts:
         groups = ps.initialize_model_parallel(ep=ep, etp=etp)
@@ -61,12 +67,13 @@ def _round_trip(layouts: list[tuple[int, int]]) -> list[dict]:
         x, indices, keep = _tokens(dist.get_rank())
         out = {}
         for name, mask in [("dropless", None), ("dropping", keep)]:
-            xx = x.clone().requires_grad_()
+            xx, weights = x.clone().requires_grad_(), _weights(dist.get_rank()).requires_grad_()
             rows, per_expert, state = dispatcher.dispatch(xx, indices, mask)
-            pairs = dispatcher.combine(rows / etp, state)
-            grad = torch.randn(T, K, H, generator=torch.Generator().manual_seed(dist.get_rank()))
-            pairs.backward(grad)
+            y = dispatcher.combine(rows / etp, state, weights)
+            grad = torch.randn(T, H, generator=torch.Generator().manual_seed(dist.get_rank()))
+            y.backward(grad)
             kept = torch.ones(T, K, dtype=torch.bool) if mask is None else mask
+            kept_weights = (weights.detach() * kept).unsqueeze(-1)  # [T, K, 1]
             senders = groups.ranks["tp_ep"]  # this EP group and those of the ETP peers
             expected_rows = []
             for j in range(dispatcher.num_local):
@@ -79,8 +86,9 @@ def _round_trip(layouts: list[tuple[int, int]]) -> list[dict]:
                           for got, want in zip(rows.split(per_expert), expected_rows))
             out[name] = dict(
                 per_expert=per_expert, expected_per_expert=[len(r) for r in expected_rows], rows_ok=ok_rows,
-                pairs_ok=torch.equal(pairs, x.unsqueeze(1).expand(T, K, H) * kept.unsqueeze(-1)),
-                grad_ok=torch.equal(xx.grad, (grad * kept.unsqueeze(-1)).sum(1)),
+                out_ok=torch.equal(y, (x.unsqueeze(1) * kept_weights).sum(1)),
+                grad_ok=torch.equal(xx.grad, (grad.unsqueeze(1) * kept_weights).sum(1)),
+                weight_grad_ok=torch.equal(weights.grad, (grad * x).sum(-1, keepdim=True) * kept),
             )
         results.append(out)
         ps.destroy_model_parallel(groups)
@@ -95,7 +103,7 @@ def _check_round_trips(world: int, layouts: list[tuple[int, int]]) -> None:
             for name, r in out.items():
                 where = (ep, etp, name, rank)
                 assert r["per_expert"] == r["expected_per_expert"], where
-                assert r["rows_ok"] and r["pairs_ok"] and r["grad_ok"], where
+                assert r["rows_ok"] and r["out_ok"] and r["grad_ok"] and r["weight_grad_ok"], where
     for i, (ep, etp) in enumerate(layouts):  # experts 6 and 7 receive nothing; with EP = 4 neither does rank 3
         idle = [rank for rank, r in enumerate(results) if r[i]["dropless"]["per_expert"][-2:] == [0, 0]]
         assert idle == ([3] if ep == 4 else [r for r in range(world) if r % (ep * etp) >= etp])
@@ -119,10 +127,10 @@ def _bytes_per_direction(ep: int, etp: int, tokens: int, hidden: int) -> dict[st
     measured["dispatch forward"] = c.bytes[key]
     expert_out = rows.detach().requires_grad_()
     with comm.count_comm() as c:
-        pairs = dispatcher.combine(expert_out, state)
+        y = dispatcher.combine(expert_out, state, torch.ones(tokens, K))
     measured["combine forward"] = c.bytes[key]
     with comm.count_comm() as c:
-        (grad_rows,) = torch.autograd.grad(pairs, expert_out, torch.ones_like(pairs))
+        (grad_rows,) = torch.autograd.grad(y, expert_out, torch.ones_like(y))
     measured["combine backward"] = c.bytes[key]
     with comm.count_comm() as c:
         rows.backward(grad_rows)

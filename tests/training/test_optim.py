@@ -79,6 +79,36 @@ def test_a_skipped_step_leaves_the_weights_alone(solo_groups):
     assert skipped and norm is None and torch.equal(p, torch.ones(3, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("fused", [True, None])
+@pytest.mark.parametrize("clip", [0.0, 0.5, 100.0])
+def test_clipped_updates_equal_torch_clip_grad_norm_and_adamw(solo_groups, clip, fused):
+    """Clipping inside the fused AdamW (its grad_scale) or before the for-loop one: the weights after two steps
+    equal torch's clip_grad_norm_ followed by torch's AdamW (weight decay on matrices only)."""
+    config, _ = resolve(parse_args(TINY + ["--clip-grad", str(clip), "--weight-decay", "0.1"]), 1)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((4, 3), (5,), (2, 2))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reducer = GradReducer(params, solo_groups)
+    opt = MixedPrecisionAdamW(reducer, solo_groups, config.training)
+    for group in opt.adam.param_groups:
+        group["fused"] = fused
+    torch_opt = torch.optim.AdamW([{"params": [ref[0], ref[2]], "weight_decay": 0.1},
+                                   {"params": [ref[1]], "weight_decay": 0.0}], lr=0.01, betas=(0.9, 0.95))
+    for _ in range(2):
+        grads = [torch.randn(p.shape, generator=g) * 3 for p in params]
+        reducer.zero_grad()
+        for p, r, grad in zip(params, ref, grads):
+            p.main_grad.copy_(grad)
+            r.grad = grad.clone()
+        norm, skipped = opt.step(lr=0.01)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, clip) if clip > 0 else torch.stack(
+            [r.grad.norm() for r in ref]).norm()
+        torch_opt.step()
+        assert not skipped and norm == pytest.approx(ref_norm.item(), rel=1e-6)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
 def _grad_norm(argv):
     config, derived = resolve(parse_args(argv), torch.distributed.get_world_size())
     run = setup(config, derived)
