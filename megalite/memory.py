@@ -95,7 +95,7 @@ def moe_layer_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence_parall
     # int64 permutation indices of dispatch and combine; the local-expert sort of arrivals only with EP or ETP
     out += 8 * (2 * pairs + (2 * rows if expert_parallel > 1 or expert_tp > 1 else 0))
     out += rows * h * w + _mlp_inner_bytes(model, rows, model.moe_ffn_hidden_size / expert_tp, w)  # experts
-    out += pairs * (h + 1) * w  # the combine's [T, k, h] rows and routing weights, multiplied together
+    out += pairs * (h + 1) * w  # the rows the combine weights, and their routing weights
     shared = model.moe_shared_expert_intermediate_size
     if shared:
         out += _mlp_inner_bytes(model, tokens, shared / tp, w)

@@ -192,7 +192,8 @@ def train(run: Run, train_ds, valid_ds, state: TrainState, log: Logger) -> Train
                     f" iteration {state.iteration:8d}/{run.derived.train_iters} | consumed samples "
                     f"{state.consumed_samples:10d} | lr {lr:.3e} | loss "
                     f"{f'{mean_loss:.6e}' if window_steps else 'n/a (every step skipped)'} | grad norm "
-                    f"{(grad_norm or float('nan')):.3f} | tokens/s {tokens_per_step * steps / elapsed:10.1f} | "
+                    f"{grad_norm if grad_norm is not None else float('nan'):.3f} | tokens/s "
+                    f"{tokens_per_step * steps / elapsed:10.1f} | "
                     f"ms/step {1000 * elapsed / steps:8.1f}{flops_text} | data wait {100 * waited / elapsed:.1f}% | "
                     f"skipped {state.skipped_steps} | ETA {eta}{extra}"
                 )

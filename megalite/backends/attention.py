@@ -10,9 +10,10 @@ the scaled scores over the keys attended, in float32 (float64 for float64 inputs
   so each block's gradients follow from the flash-attention identity dS = P * (dP - rowsum(dout * out)),
   P = exp(S * scale - lse).
 
-`causal` always means the lower-triangular mask of equal-length q and k (a diagonal block). Kernels: on CPU PyTorch's
-flash op, on CUDA SDPA's flash (fp16/bf16) or memory-efficient op, plain math otherwise. flash-attn and Transformer
-Engine are imported lazily, when asked for or when 'auto' looks for them on CUDA.
+`causal` always means the lower-triangular mask of equal-length q and k (a diagonal block). Kernels: on CPU megalite's
+blocked causal attention for short fp32 sequences (`attention` with 'auto') and PyTorch's flash op otherwise, on
+CUDA SDPA's flash (fp16/bf16) or memory-efficient op, plain math otherwise. flash-attn and Transformer Engine are
+imported lazily, when asked for or when 'auto' looks for them on CUDA.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from megalite.backends.blocked_attention import blocked_causal_attention, blocked_usable
 
 BACKENDS = ("auto", "sdpa", "eager", "flash", "te")
 
@@ -305,9 +308,11 @@ def _sdpa_attention(
     )
 
 
-def resolve_backend(backend: str, q: torch.Tensor) -> str:
+def resolve_backend(backend: str, q: torch.Tensor, blocked: bool = False) -> str:
     """The back-end that `backend` means for `q`: 'auto' is flash-attn, else Transformer Engine, on CUDA fp16/bf16
-    when importable; sdpa otherwise (whose CUDA kernels are flash-attention kernels too)."""
+    when importable; 'blocked' (megalite/backends/blocked_attention.py) where the caller says its inputs suit it
+    (`blocked`: CPU, fp32, causal, no dropout, short); sdpa otherwise (whose CUDA kernels are flash-attention
+    kernels too)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -317,7 +322,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
             return "flash"
         if _te_pytorch() is not None:
             return "te"
-    return "sdpa"
+    return "blocked" if blocked else "sdpa"
 
 
 def attention(
@@ -331,7 +336,9 @@ def attention(
     """
     _check(q, k, v, causal)
     scale = _scale(q, scale)
-    name = resolve_backend(backend, q)
+    name = resolve_backend(backend, q, blocked_usable(q, k, causal, dropout_p))
+    if name == "blocked":
+        return blocked_causal_attention(q, k, v, scale)
     if name == "eager":
         return _eager_attention(q, k, v, causal, scale, dropout_p)
     if name == "sdpa":

@@ -99,6 +99,32 @@ class TokenDispatcher(ABC):
         """Undo `dispatch_preprocess`: the rows, times their pairs' weights [T, k], summed per token: [T, h]."""
 
 
+class _WeightedCombine(torch.autograd.Function):
+    """out[t] = sum of y[i] x weights[pair i] over the rows i of token t's kept pairs: rows y [M, h] in dispatch
+    order, weights [T, k], `pair_ids` [M] (pair = token x k + slot) -> [T, h]. Keeps y, its rows' weights and the
+    pair ids for backward (an autograd `index_add` would also keep the weighted [M, h] product)."""
+
+    @staticmethod
+    def forward(ctx, y, weights, pair_ids):
+        row_weights = weights.reshape(-1).index_select(0, pair_ids).to(y.dtype)
+        ctx.save_for_backward(y, row_weights, pair_ids)
+        ctx.weights_shape, ctx.weights_dtype = weights.shape, weights.dtype
+        out = y.new_zeros((weights.shape[0], *y.shape[1:]))
+        return out.index_add_(0, pair_ids // weights.shape[1], y * row_weights.unsqueeze(-1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, row_weights, pair_ids = ctx.saved_tensors
+        shape = ctx.weights_shape
+        rows_grad = grad.index_select(0, pair_ids // shape[1])
+        weights_grad = None
+        if ctx.needs_input_grad[1]:
+            weights_grad = torch.zeros(shape.numel(), dtype=ctx.weights_dtype, device=grad.device)
+            weights_grad[pair_ids] = (rows_grad * y).sum(-1).to(ctx.weights_dtype)
+            weights_grad = weights_grad.view(shape)
+        return rows_grad.mul_(row_weights.unsqueeze(-1)), weights_grad, None
+
+
 def _all_gather_counts(counts: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[group size, *counts.shape]: every rank's counts (not differentiable)."""
     n = dist.get_world_size(group)
@@ -171,6 +197,4 @@ class AllToAllDispatcher(TokenDispatcher):
         return all_to_all(y, self.ep_group, state.send_splits, state.recv_splits)
 
     def combine_postprocess(self, y: torch.Tensor, state: DispatchState, weights: torch.Tensor) -> torch.Tensor:
-        row_weights = weights.reshape(-1).index_select(0, state.pair_ids).to(y.dtype)
-        out = y.new_zeros((state.num_tokens, *y.shape[1:]))
-        return out.index_add_(0, state.pair_ids // state.topk, y * row_weights.unsqueeze(-1))
+        return _WeightedCombine.apply(y, weights, state.pair_ids)

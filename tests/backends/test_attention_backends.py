@@ -57,6 +57,61 @@ def test_attention_and_its_gradients_match_float64_reference(backend, causal, hq
         assert got.grad.shape == want.shape and rel_err(got.grad, want) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_blocked_causal_attention_over_several_blocks_matches_float64_reference(dtype, hq, hkv):
+    """70 rows: blocks of 32, 32 and 6; permuted views of a sequence-first layout, as the model passes them."""
+    from megalite.backends.blocked_attention import BLOCK, blocked_causal_attention
+
+    s = 2 * BLOCK + 6
+    q, k, v, dout = inputs(hq, hkv, sq=s, sk=s, dtype=dtype)
+    leaves = [t.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3).requires_grad_() for t in (q, k, v)]
+    out = blocked_causal_attention(*leaves, scale=0.3)
+    out.backward(dout)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    assert out.dtype == dtype and rel_err(out, reference(q, k, v, True, 0.3)[0]) < tol
+    for got, want in zip(leaves, reference_grads(q, k, v, dout, True, 0.3)):
+        assert got.grad.shape == want.shape and rel_err(got.grad, want) < 10 * tol
+
+
+@pytest.mark.parametrize("hkv", [2, 1])
+def test_blocked_causal_attention_is_bitwise_equal_under_head_and_batch_splits(hkv):
+    """What a TP rank (half the query heads, their K/V heads) or a DP rank (half the batch) computes equals the
+    whole computation's slice exactly, forward and backward, as with SDPA's per-head kernel."""
+    from megalite.backends.blocked_attention import blocked_causal_attention
+
+    q, k, v, dout = inputs(4, hkv, sq=70, sk=70, b=4)
+    whole = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = blocked_causal_attention(*whole, scale=0.3)
+    out.backward(dout)
+    for rows in (slice(0, 2), slice(2, 4)):
+        for heads in (slice(0, 2), slice(2, 4)):
+            kv = slice(heads.start * hkv // 4, max(heads.stop * hkv // 4, heads.start * hkv // 4 + 1))
+            part = [t[rows, h].clone().requires_grad_() for t, h in zip((q, k, v), (heads, kv, kv))]
+            part_out = blocked_causal_attention(*part, scale=0.3)
+            part_out.backward(dout[rows, heads])
+            assert torch.equal(part_out, out[rows, heads]) and torch.equal(part[0].grad, whole[0].grad[rows, heads])
+            if hkv == 2:  # each TP rank's K/V heads are its own: their gradients compare too
+                assert torch.equal(part[1].grad, whole[1].grad[rows, kv])
+
+
+def test_auto_takes_the_blocked_kernel_only_for_short_causal_fp32_cpu_attention_without_dropout(monkeypatch):
+    from megalite.backends import blocked_attention as B
+
+    calls = []
+    monkeypatch.setattr(A, "blocked_causal_attention", lambda *args: calls.append(args) or args[0])
+    q, k, v, _ = inputs(4, 2)
+    A.attention(q, k, v, causal=True)
+    assert len(calls) == 1
+    A.attention(q, k, v, causal=False)
+    A.attention(q, k, v, causal=True, dropout_p=0.5)
+    A.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    A.attention(q, k, v, causal=True, backend="sdpa")
+    monkeypatch.setattr(B, "MAX_SCORES", q.numel() // q.size(-1) * q.size(2) - 1)
+    A.attention(q, k, v, causal=True)
+    assert len(calls) == 1
+
+
 def test_default_scale_is_inverse_sqrt_head_dim():
     q, k, v, _ = inputs(4, 2, d=16)
     want, _ = reference(q, k, v, True, 0.25)
@@ -157,7 +212,7 @@ def test_bad_inputs_and_unavailable_backends_fail_clearly():
     if A._te_pytorch() is None:
         with pytest.raises(RuntimeError, match="Transformer Engine and CUDA"):
             A.attention(q, k, v, backend="te")
-    assert A.resolve_backend("auto", q) == "sdpa"
+    assert A.resolve_backend("auto", q) == "sdpa" and A.resolve_backend("auto", q, blocked=True) == "blocked"
 
 
 # ------------------------------------------------- flash-attn and Transformer Engine adapters, with stand-ins

@@ -25,7 +25,7 @@ def one_error(err: str) -> str:
 
 
 def test_a_non_finite_gradient_stops_the_run_and_saves_nothing(capsys, tmp_path, world_of_one):
-    code, out, err = train(capsys, "--lr", "1e6", "--save", str(tmp_path), "--save-interval", "1")
+    code, out, err = train(capsys, "--lr", "1e12", "--save", str(tmp_path), "--save-interval", "1")
     assert code == 1
     assert re.search(r"iteration \d+: the gradient norm is nan", one_error(err))
     saved = sorted(p.name for p in tmp_path.glob("iter_*"))
@@ -34,7 +34,7 @@ def test_a_non_finite_gradient_stops_the_run_and_saves_nothing(capsys, tmp_path,
 
 
 def test_skipping_instead_of_stopping_logs_no_loss(capsys, world_of_one):
-    code, out, _ = train(capsys, "--lr", "1e6", "--train-iters", "3", "--no-check-for-nan-in-loss-and-grad")
+    code, out, _ = train(capsys, "--lr", "1e12", "--train-iters", "3", "--no-check-for-nan-in-loss-and-grad")
     assert code == 0
     assert "loss n/a (every step skipped)" in out and "loss 0.000000e+00" not in out
 
@@ -158,6 +158,6 @@ def test_every_rank_stops_at_the_same_iteration_on_a_non_finite_step(world_of_on
     """The decision is taken on the global gradient norm, so no rank is left waiting in a collective (bf16, TP2)."""
     from megalite.testing import run_distributed
 
-    argv = [*TINY, "--lr", "1e6", "--bf16", "--tensor-model-parallel-size", "2"]
+    argv = [*TINY, "--lr", "1e12", "--bf16", "--tensor-model-parallel-size", "2"]
     messages = run_distributed(2, _stops_together, argv)
     assert messages[0] == messages[1] and re.search(r"iteration \d+: the gradient norm is (nan|inf)", messages[0])
