@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from megalite.arguments import Derived
+from megalite.backends.blocked_attention import MAX_SCORES, kept_probabilities
 from megalite.config import MegaliteConfig, ModelConfig
 from megalite.tensor_parallel.sharding import get_spec
 
@@ -35,7 +36,7 @@ class MemoryEstimate:
 def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp: int, sequence_parallel: bool,
                            dtype_bytes: int, device_type: str, query_groups: int, ffn_hidden_size: int,
                            selective: bool = False, moe: bool = False, expert_tp: int = 1,
-                           expert_parallel: int = 1) -> float:
+                           expert_parallel: int = 1, blocked_attention: bool = False) -> float:
     """Bytes one transformer layer keeps for backward on one rank, item by item as megalite's layer saves them
     with a fused attention kernel (SDPA, flash-attn, TE, or ring attention: no s x s matrix is kept).
 
@@ -44,7 +45,9 @@ def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp
     (Q, K, V, the attention output that is also the projection's input, the log-sum-exp, the MLP's inner
     activations) the widths are split by TP. Device-dependent widths: dropout keeps a bool mask on CUDA and a noise tensor of the
     activation dtype on CPU; LayerNorm keeps its per-token mean and 1/std in float32 on CUDA and in the activation
-    dtype on CPU; megalite's RMSNorm keeps one float32 per token. With `moe` the MLP is the MoE layer
+    dtype on CPU; megalite's RMSNorm keeps one float32 per token. `blocked_attention`: the CPU kernel of short
+    fp32 causal attention (megalite/backends/blocked_attention.py) keeps its probabilities instead of the
+    log-sum-exp. With `moe` the MLP is the MoE layer
     (`moe_layer_bytes`). Checked to the byte against the saved-tensor count of `megalite bench memory` on CPU
     (tests/test_memory_estimate.py)."""
     w, h = dtype_bytes, model.hidden_size
@@ -62,7 +65,9 @@ def layer_activation_bytes(model: ModelConfig, *, seq: int, micro_batch: int, tp
     attention += 2 * seq * head_dim * w  # rotary cos and sin tables, whole on every rank
     if model.qk_layernorm:  # the norms' inputs (Q and K before the norm) and their statistics (not byte-checked)
         attention += tokens * head_dim * w * (heads + kv_heads) + tokens * (heads + kv_heads) * 4
-    if not selective:
+    if not selective and blocked_attention:
+        attention += w * micro_batch * heads * kept_probabilities(seq)
+    elif not selective:
         attention += 4 * micro_batch * heads * seq  # float32 log-sum-exp
     if moe:
         mlp = moe_layer_bytes(model, tokens=tokens, tp=tp, sequence_parallel=sequence_parallel, dtype_bytes=w,
@@ -127,10 +132,14 @@ def estimate_memory(params: list[torch.nn.Parameter], config: MegaliteConfig, de
     b = t.micro_batch_size
     tp = p.tensor_model_parallel_size
     sp = p.sequence_parallel and tp > 1
+    # the 'auto' attention on CPU for short fp32 causal sequences without dropout, CP or documents
+    blocked = (device_type == "cpu" and m.attention_backend == "auto" and m.attention_dropout == 0 and width >= 4
+               and p.context_parallel_size == 1 and not config.data.reset_attention_mask
+               and b * (m.num_attention_heads // tp) * s * s <= MAX_SCORES)
     per_layer = layer_activation_bytes(
         m, seq=s, micro_batch=b, tp=tp, sequence_parallel=sp, dtype_bytes=width, device_type=device_type,
         query_groups=derived.num_query_groups, ffn_hidden_size=derived.ffn_hidden_size,
-        selective=m.recompute_granularity == "selective",
+        selective=m.recompute_granularity == "selective", blocked_attention=blocked,
     )
     if m.num_experts:  # the share of MoE layers (--moe-layer-freq), averaged over the layers
         moe_layer = layer_activation_bytes(
@@ -138,6 +147,7 @@ def estimate_memory(params: list[torch.nn.Parameter], config: MegaliteConfig, de
             query_groups=derived.num_query_groups, ffn_hidden_size=derived.ffn_hidden_size,
             selective=m.recompute_granularity == "selective", moe=True,
             expert_tp=derived.expert_tensor_parallel_size, expert_parallel=p.expert_model_parallel_size,
+            blocked_attention=blocked,
         )
         moe_share = sum(m.is_moe_layer(i) for i in range(m.num_layers)) / m.num_layers
         per_layer += (moe_layer - per_layer) * moe_share

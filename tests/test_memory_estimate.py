@@ -32,6 +32,25 @@ def test_layer_formula_is_what_the_layer_saves_to_the_byte(shape):
         assert memory.total == _formula(shape, case), (case.label, memory.total, _formula(shape, case))
 
 
+def test_fp32_cpu_layer_formula_counts_the_blocked_attentions_probabilities_to_the_byte():
+    """fp32 on CPU, no attention dropout: 'auto' runs the blocked causal kernel, which keeps its probabilities (seq 80:
+    blocks of 32, 32 and 16 rows) instead of the log-sum-exp; with selective recompute it keeps nothing."""
+    from megalite.backends.blocked_attention import kept_probabilities
+
+    shape = Shape(seq_length=80, micro_batch_size=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                  swiglu=True, normalization="RMSNorm", dtype="float32")
+    cases = [Case(1, **FUSED), Case(2, sequence_parallel=True, **FUSED),
+             Case(2, sequence_parallel=True, selective=True, **FUSED)]
+    model = ModelConfig(hidden_size=64, num_attention_heads=4, swiglu=True, normalization="RMSNorm",
+                        hidden_dropout=0.1)
+    assert kept_probabilities(80) == 32 * 32 + 32 * 64 + 16 * 80
+    for case, memory in zip(cases, run_cases(cases, shape)):
+        want = layer_activation_bytes(model, seq=80, micro_batch=2, tp=case.tp, sequence_parallel=case.sequence_parallel,
+                                      dtype_bytes=4, device_type="cpu", query_groups=2, ffn_hidden_size=256,
+                                      selective=case.selective, blocked_attention=True)
+        assert memory.total == want, (case.label, memory.total, want)
+
+
 def test_layer_formula_is_the_papers_34_sbh_on_cuda_for_the_papers_model():
     """Selective recompute, TP+SP, 1-byte masks on CUDA: the paper's 34 sbh/t plus what the paper has no item for,
     the rotary tables (whole on every rank) and LayerNorm's float32 mean and 1/std."""

@@ -37,6 +37,11 @@ def _blocks(s: int) -> list[tuple[int, int]]:
     return [(a, min(a + BLOCK, s)) for a in range(0, s, BLOCK)]
 
 
+def kept_probabilities(s: int) -> int:
+    """Probabilities the forward keeps per batch row and query head for `s` rows: rows x keys of every block."""
+    return sum((e - a) * e for a, e in _blocks(s))
+
+
 def _rows(x: torch.Tensor, groups: int, a: int, e: int) -> torch.Tensor:
     """Rows [a, e) of [b, hq, s, d] as [b, groups, hq / groups x (e - a), d]: a K/V group's query heads stacked."""
     b, hq, _, d = x.shape
@@ -53,7 +58,10 @@ class _BlockedCausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
         groups, r = k.size(1), q.size(1) // k.size(1)
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        # [b, s, hq, d] in memory, as SDPA's flash kernels return it: the model's [s, b, hq x d] projection input is
+        # then a view of it, not a second copy kept for backward
+        b, hq, s, d = q.shape
+        out = q.new_empty(b, s, hq, d).transpose(1, 2)
         probs = []
         for a, e in _blocks(q.size(2)):
             scores = torch.matmul(_rows(q, groups, a, e), k[:, :, :e].transpose(-1, -2)).mul_(scale)

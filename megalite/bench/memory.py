@@ -51,6 +51,7 @@ class Shape:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
     moe_shared_expert_intermediate_size: int | None = None
+    dtype: str = "bfloat16"
     """The paper's model is the default (MHA, GeLU of 4h, LayerNorm, dense); the variants serve the tests of the
     start-up memory estimate."""
 
@@ -173,8 +174,8 @@ class SavedTensorCounter:
 
 
 def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu") -> LayerMemory:
-    """Build a one-layer GPT for `case` on this rank (bf16, training mode, on `device`) and count what its layer
-    saves in one forward pass. Needs torch.distributed initialised with a world size divisible by `case.tp`."""
+    """Build a one-layer GPT for `case` on this rank (`shape.dtype`, training mode, on `device`) and count what its
+    layer saves in one forward pass. Needs torch.distributed initialised with a world size divisible by `case.tp`."""
     from megalite import parallel_state as ps
     from megalite.config import ModelConfig
     from megalite.context import ModelContext, ParallelKnobs
@@ -198,7 +199,7 @@ def measure_layer(case: Case, shape: Shape, seed: int = 1234, device: str = "cpu
         )
         model = GPTModel(cfg, groups, context)
         model.initialize(seed)
-        model.to(device=device, dtype=torch.bfloat16).train()
+        model.to(device=device, dtype=getattr(torch, shape.dtype)).train()
         layer = next(iter(model.layers.values()))
         counter = SavedTensorCounter(layer, list(model.parameters()), shape.seq_length)
         tokens = torch.randint(0, vocab, (shape.micro_batch_size, shape.seq_length),
