@@ -141,8 +141,9 @@ class ModelConfig:
     recompute_granularity: Literal["full", "selective"] | None = None
     """Activation recomputation: 'full' recomputes whole layers, 'selective' the attention core."""
     attention_backend: Literal["auto", "sdpa", "eager", "flash", "te", "fused", "unfused", "local"] = "auto"
-    """Attention kernel; 'auto' picks the fastest importable one. Megatron's names map to megalite's: 'fused' is
-    Transformer Engine ('te'), 'unfused' the plain math ('eager'), 'local' torch's SDPA ('sdpa')."""
+    """Attention kernel; 'auto' picks the fastest importable one (on CPU, blocked GEMMs for short fp32 causal
+    sequences, else SDPA). Megatron's names map to megalite's: 'fused' is Transformer Engine ('te'), 'unfused' the
+    plain math ('eager'), 'local' torch's SDPA ('sdpa')."""
     num_experts: int | None = None
     """Number of MoE experts; unset means a dense model."""
     moe_layer_freq: str = "1"
