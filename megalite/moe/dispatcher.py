@@ -102,7 +102,9 @@ class TokenDispatcher(ABC):
 class _WeightedCombine(torch.autograd.Function):
     """out[t] = sum of y[i] x weights[pair i] over the rows i of token t's kept pairs: rows y [M, h] in dispatch
     order, weights [T, k], `pair_ids` [M] (pair = token x k + slot) -> [T, h]. Keeps y, its rows' weights and the
-    pair ids for backward (an autograd `index_add` would also keep the weighted [M, h] product)."""
+    pair ids for backward (an autograd `index_add` would also keep the weighted [M, h] product). On CUDA the order
+    in which a token's rows are added is not fixed for top-k > 2 (atomics; at k <= 2 the sum is the same either way)
+    unless `torch.use_deterministic_algorithms(True)`, under which torch's `index_add` is deterministic."""
 
     @staticmethod
     def forward(ctx, y, weights, pair_ids):
@@ -157,7 +159,8 @@ class AllToAllDispatcher(TokenDispatcher):
         if keep is not None:
             pair_ids = pair_ids[keep.reshape(-1)]
         pair_ids = pair_ids[torch.argsort(experts[pair_ids], stable=True)]
-        # index_select, not x[...]: its backward is an index_add_, not the slower accumulating index_put_
+        # index_select, not x[...]: its backward is an index_add_ (as deterministic as the combine: see
+        # _WeightedCombine), not the slower accumulating index_put_
         rows = x.index_select(0, pair_ids // topk)
         counts = torch.bincount(experts[pair_ids], minlength=self.num_experts)
         if self.alone:  # one EP and one ETP rank: nothing to exchange
