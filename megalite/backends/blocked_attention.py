@@ -63,7 +63,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
         b, hq, s, d = q.shape
         out = q.new_empty(b, s, hq, d).transpose(1, 2)
         probs = []
-        for a, e in _blocks(q.size(2)):
+        for a, e in _blocks(s):
             scores = torch.matmul(_rows(q, groups, a, e), k[:, :, :e].transpose(-1, -2)).mul_(scale)
             above = torch.ones(e - a, e - a, dtype=torch.bool, device=q.device).triu_(1)
             scores.view(*scores.shape[:2], r, e - a, e)[..., a:].masked_fill_(above, float("-inf"))
